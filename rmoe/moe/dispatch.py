@@ -1,0 +1,70 @@
+"""Token dispatchers: move routed tokens to their experts and the experts' outputs back.
+
+A dispatcher owns only data movement (permutation here; all-to-all in the expert-parallel one the
+platform plugs in), never the layer's math. Shape suffixes: T tokens, K top-k slots, N dispatched
+rows (kept slots, grouped contiguously by expert), D/O input/output width, E experts.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from rmoe.moe.routing import Routing
+
+
+@dataclass
+class Dispatched:
+    """Rows for the experts: `x_ND` grouped by expert, `tokens_per_expert_E` rows per local expert."""
+
+    x_ND: torch.Tensor
+    tokens_per_expert_E: torch.Tensor
+    state: object
+
+
+@dataclass
+class LocalDispatchState:
+    slot_order_N: torch.Tensor  # flat (token * K + slot) id of each dispatched row
+    num_tokens: int
+    top_k: int
+
+
+class TokenDispatcher(ABC):
+    """Moves tokens to experts (`dispatch`) and expert outputs back to (token, slot) order (`combine`)."""
+
+    @abstractmethod
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched: ...
+
+    @abstractmethod
+    def combine(self, y_NO: torch.Tensor, state: object) -> torch.Tensor:
+        """Return y_TKO with zeros in dropped slots."""
+
+
+def sort_slots_by_expert(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept (token, slot) ids ordered by expert (stable), and the kept count per expert."""
+    expert_of_slot = routing.expert_idx_TK.reshape(-1)
+    if routing.capacity is None:
+        slot_ids = torch.arange(expert_of_slot.numel(), device=expert_of_slot.device)
+    else:
+        slot_ids = routing.kept_TK.reshape(-1).nonzero().squeeze(1)
+        expert_of_slot = expert_of_slot[slot_ids]
+    order = torch.argsort(expert_of_slot, stable=True)
+    counts_E = torch.bincount(expert_of_slot, minlength=routing.num_experts)
+    return slot_ids[order], counts_E
+
+
+class LocalDispatcher(TokenDispatcher):
+    """Single-device dispatcher: a gather into expert order and an index_copy back."""
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
+        slot_order_N, counts_E = sort_slots_by_expert(routing)
+        x_ND = x_TD[slot_order_N // routing.top_k]
+        return Dispatched(x_ND, counts_E, LocalDispatchState(slot_order_N, x_TD.shape[0], routing.top_k))
+
+    def combine(self, y_NO: torch.Tensor, state: object) -> torch.Tensor:
+        assert isinstance(state, LocalDispatchState)
+        T, K = state.num_tokens, state.top_k
+        y_TKO = y_NO.new_zeros(T * K, y_NO.shape[-1]).index_copy(0, state.slot_order_N, y_NO)
+        return y_TKO.view(T, K, -1)
