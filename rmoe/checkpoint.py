@@ -107,9 +107,7 @@ def upcycle_checkpoint(
     model = load_model(path, spec=spec)
     dense_spec = spec_of(model)
     if dense_spec.is_moe:
-        raise ValueError(
-            f"checkpoint: {str(path)!r} is already an MoE model (layers {list(dense_spec.moe_layers)})"
-        )
+        raise ValueError(f"checkpoint: {str(path)!r} is already an MoE model (layers {list(dense_spec.moe_layers)})")
     upcycle(model, layers, config, seed=seed)
     model.rmoe_spec = dense_spec.with_moe(tuple(layers), config)
     return model

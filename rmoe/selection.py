@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rmoe.upcycle import find_mlp_layers
+from rmoe.upcycle import check_layer_indices, find_mlp_layers
 
 LayerSpec = str | Sequence[int]
 
@@ -53,11 +53,7 @@ def resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
             ) from None
     else:
         indices = list(spec)
-    for index in indices:
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_layers:
-            raise ValueError(
-                f"moe_layers: unknown layer index {index!r}; the model has {num_layers} MLP layers (0..{num_layers - 1})"
-            )
+    check_layer_indices(indices, num_layers)
     return sorted(set(indices))
 
 

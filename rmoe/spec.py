@@ -94,7 +94,5 @@ def build_model(spec: ModelSpec, *, init: InitMode = "scratch", seed: int = 0) -
 def spec_of(model: nn.Module) -> ModelSpec:
     spec = getattr(model, "rmoe_spec", None)
     if not isinstance(spec, ModelSpec):
-        raise ValueError(
-            "model has no rmoe_spec; build it with rmoe.build_model or timm.create_model('rmoe_...')"
-        )
+        raise ValueError("model has no rmoe_spec; build it with rmoe.build_model or timm.create_model('rmoe_...')")
     return spec

@@ -47,7 +47,7 @@ def convert_layers(
     when `config.residual` is False); `init="scratch"` initialises independent experts afresh.
     """
     mlps = find_mlp_layers(model)
-    _check_indices(layers, len(mlps))
+    check_layer_indices(layers, len(mlps))
     generator = torch.Generator().manual_seed(seed)
     converted = []
     for index in sorted(set(layers)):
@@ -76,11 +76,13 @@ def merge_residual_experts(model: nn.Module) -> nn.Module:
     return model
 
 
-def _check_indices(layers: Sequence[int], num_layers: int) -> None:
+def check_layer_indices(layers: Sequence[int], num_layers: int) -> None:
+    """Raise a ValueError naming `moe_layers` for any index that is not an MLP layer of the model."""
     for index in layers:
-        if not isinstance(index, int) or not 0 <= index < num_layers:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_layers:
             raise ValueError(
-                f"moe_layers: unknown layer index {index!r}; the model has {num_layers} MLP layers (0..{num_layers - 1})"
+                f"moe_layers: unknown layer index {index!r}; "
+                f"the model has {num_layers} MLP layers (0..{num_layers - 1})"
             )
 
 

@@ -57,9 +57,7 @@ def create_rmoe_model(
         convert_layers(model, layers, moe_config, init="scratch")
         spec = spec.with_moe(layers, moe_config)
     elif moe_fields or moe_config is not None:
-        raise ValueError(
-            f"num_experts=0 builds a dense model; MoE options given: {sorted(moe_fields) or 'moe_config'}"
-        )
+        raise ValueError(f"num_experts=0 builds a dense model; MoE options given: {sorted(moe_fields) or 'moe_config'}")
     model.rmoe_spec = spec
     model.pretrained_cfg = model.default_cfg = _resolved_cfg(variant, model_kwargs)
     return model

@@ -62,9 +62,7 @@ class SimpleFeaturePyramid(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         last = len(self.vit.blocks) - 1
-        (feature_BCHW,) = self.vit.forward_intermediates(
-            x, indices=[last], output_fmt="NCHW", intermediates_only=True
-        )
+        (feature_BCHW,) = self.vit.forward_intermediates(x, indices=[last], output_fmt="NCHW", intermediates_only=True)
         return [level(feature_BCHW) for level in self.levels]
 
 
@@ -78,9 +76,7 @@ class SwinPyramid(nn.Module):
         self.strides = tuple(info["reduction"] for info in swin.feature_info)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.swin.forward_intermediates(
-            x, indices=len(self.strides), norm=True, intermediates_only=True
-        )
+        return self.swin.forward_intermediates(x, indices=len(self.strides), norm=True, intermediates_only=True)
 
 
 def pyramid_backbone(model: nn.Module) -> SimpleFeaturePyramid | SwinPyramid:

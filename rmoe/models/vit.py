@@ -11,9 +11,7 @@ from rmoe.models._factory import create_rmoe_model, default_cfg
 
 _ARCHS: dict[str, dict[str, Any]] = {
     # CPU-demo size: 32 px images, 8×8 patches of 4 px
-    "rmoe_vit_nano_patch4_32": dict(
-        img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4, num_classes=10
-    ),
+    "rmoe_vit_nano_patch4_32": dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4, num_classes=10),
     "rmoe_vit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
     "rmoe_vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
     "rmoe_vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),

@@ -61,11 +61,7 @@ def compute_aux(routing: Routing, weights: AuxLossWeights) -> MoEAux:
         "switch": switch_load_balance_loss(routing.probs_TE, routing.expert_idx_TK),
         "z": router_z_loss(routing.logits_TE),
     }
-    total = (
-        weights.importance * losses["importance"]
-        + weights.switch * losses["switch"]
-        + weights.z * losses["z"]
-    )
+    total = weights.importance * losses["importance"] + weights.switch * losses["switch"] + weights.z * losses["z"]
     kept_idx = routing.expert_idx_TK[routing.kept_TK]
     with torch.no_grad():
         tokens_per_expert = torch.bincount(kept_idx, minlength=routing.num_experts)

@@ -72,9 +72,7 @@ class MoEConfig:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(
-                f"capacity_factor must be > 0 (or None for dropless), got {self.capacity_factor}"
-            )
+            raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {self.capacity_factor}")
         if self.noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
         if self.init_noise < 0:

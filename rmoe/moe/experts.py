@@ -113,22 +113,14 @@ class ResidualExperts(_ExpertMlpBase):
         self.core_w1_DH = nn.Parameter(core_w1_DH.detach().clone(), requires_grad=not freeze_core)
         self.core_w2_HO = nn.Parameter(core_w2_HO.detach().clone(), requires_grad=not freeze_core)
         self.core_b1_H = (
-            None
-            if core_b1_H is None
-            else nn.Parameter(core_b1_H.detach().clone(), requires_grad=not freeze_core)
+            None if core_b1_H is None else nn.Parameter(core_b1_H.detach().clone(), requires_grad=not freeze_core)
         )
         self.core_b2_O = (
-            None
-            if core_b2_O is None
-            else nn.Parameter(core_b2_O.detach().clone(), requires_grad=not freeze_core)
+            None if core_b2_O is None else nn.Parameter(core_b2_O.detach().clone(), requires_grad=not freeze_core)
         )
         dev, dt = core_w1_DH.device, core_w1_DH.dtype
-        self.res_b1_EH = (
-            nn.Parameter(torch.zeros(E, H, device=dev, dtype=dt)) if core_b1_H is not None else None
-        )
-        self.res_b2_EO = (
-            nn.Parameter(torch.zeros(E, O, device=dev, dtype=dt)) if core_b2_O is not None else None
-        )
+        self.res_b1_EH = nn.Parameter(torch.zeros(E, H, device=dev, dtype=dt)) if core_b1_H is not None else None
+        self.res_b2_EO = nn.Parameter(torch.zeros(E, O, device=dev, dtype=dt)) if core_b2_O is not None else None
         s1 = init_noise * float(core_w1_DH.detach().float().std())
         s2 = init_noise * float(core_w2_HO.detach().float().std())
         if rank is None:
@@ -138,13 +130,9 @@ class ResidualExperts(_ExpertMlpBase):
             # A ~ N(0, 1/in), B ~ N(0, (noise·std)²·in/R): A·B has the full-rank init's scale; B = 0 (LoRA-style)
             # when init_noise is 0, so the experts start exactly at the core while A still receives gradients.
             self.res_w1_a_EDR = nn.Parameter(_normal((E, D, rank), 1 / math.sqrt(D), core_w1_DH, generator))
-            self.res_w1_b_ERH = nn.Parameter(
-                _normal((E, rank, H), s1 * math.sqrt(D / rank), core_w1_DH, generator)
-            )
+            self.res_w1_b_ERH = nn.Parameter(_normal((E, rank, H), s1 * math.sqrt(D / rank), core_w1_DH, generator))
             self.res_w2_a_EHR = nn.Parameter(_normal((E, H, rank), 1 / math.sqrt(H), core_w2_HO, generator))
-            self.res_w2_b_ERO = nn.Parameter(
-                _normal((E, rank, O), s2 * math.sqrt(H / rank), core_w2_HO, generator)
-            )
+            self.res_w2_b_ERO = nn.Parameter(_normal((E, rank, O), s2 * math.sqrt(H / rank), core_w2_HO, generator))
 
     # ---- weights -------------------------------------------------------------------------------
     def residual_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,9 +221,7 @@ class ResidualExperts(_ExpertMlpBase):
         return core + delta.to(core.dtype)
 
 
-def _normal(
-    shape: tuple[int, ...], std: float, like: torch.Tensor, generator: torch.Generator | None
-) -> torch.Tensor:
+def _normal(shape: tuple[int, ...], std: float, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     out = torch.zeros(shape, dtype=torch.float32)  # sampled on CPU so a CPU generator seeds it anywhere
     if std > 0:
         out.normal_(0.0, std, generator=generator)

@@ -102,16 +102,12 @@ def grouped_mm_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype torch's grouped GEMM would run in here, or None where it is not offered."""
     if not hasattr(torch.nn.functional, "grouped_mm"):
         return None
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-    else:
-        dtype = x.dtype
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
     return dtype if dtype == torch.bfloat16 else None
 
 
-def make_layout(
-    counts_E: torch.Tensor, num_rows: int, backend: ExpertBackend, x: torch.Tensor
-) -> GroupedLayout:
+def make_layout(counts_E: torch.Tensor, num_rows: int, backend: ExpertBackend, x: torch.Tensor) -> GroupedLayout:
     if backend == "loop":
         return LoopLayout(counts_E)
     ragged_dtype = grouped_mm_dtype(x)

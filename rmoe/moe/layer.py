@@ -108,14 +108,10 @@ class MoEMlp(nn.Module):
             drop=drop,
             backend=config.expert_backend,
         )
-        return cls(
-            _router(in_features, config), experts, alignment=config.alignment, aux_weights=config.aux_weights
-        )
+        return cls(_router(in_features, config), experts, alignment=config.alignment, aux_weights=config.aux_weights)
 
     @classmethod
-    def from_dense(
-        cls, mlp: nn.Module, config: MoEConfig, generator: torch.Generator | None = None
-    ) -> MoEMlp:
+    def from_dense(cls, mlp: nn.Module, config: MoEConfig, generator: torch.Generator | None = None) -> MoEMlp:
         """Upcycle a dense timm `Mlp`: experts start at its weights plus `config.init_noise` noise."""
         fc1, fc2, act, drop = _unpack_dense_mlp(mlp)
         if config.residual:
@@ -215,9 +211,7 @@ def _copied_experts(
     ).to(device=fc1.weight.device, dtype=fc1.weight.dtype)
     with torch.no_grad():
         for param, dense in ((experts.w1_EDH, fc1.weight.t()), (experts.w2_EHO, fc2.weight.t())):
-            noise = (
-                torch.randn(param.shape, generator=generator) * config.init_noise * float(dense.float().std())
-            )
+            noise = torch.randn(param.shape, generator=generator) * config.init_noise * float(dense.float().std())
             param.copy_(dense.expand_as(param) + noise.to(param))
         if experts.b1_EH is not None and experts.b2_EO is not None:
             experts.b1_EH.copy_(fc1.bias.expand_as(experts.b1_EH))
