@@ -5,7 +5,7 @@ A layout decides how the N grouped rows meet the stacked expert weights `w_EIO`:
   any dtype; C = the largest group, so padding costs FLOPs only under imbalance);
 - `RaggedLayout`: torch's grouped GEMM (`torch.nn.functional.grouped_mm`) on the ragged rows, no
   padding; torch offers it for bf16 (CUDA, and CPU);
-- `LoopLayout`: one GEMM per expert: the reference implementation, not for production.
+- `LoopLayout`: one GEMM per expert (a Python loop over E): the reference, not for production.
 """
 
 from __future__ import annotations
@@ -19,15 +19,13 @@ from rmoe.moe.config import ExpertBackend
 
 class GroupedLayout(ABC):
     @abstractmethod
-    def pack(self, x_NI: torch.Tensor) -> torch.Tensor | list[torch.Tensor]: ...
+    def pack(self, x_NI: torch.Tensor) -> torch.Tensor: ...
 
     @abstractmethod
-    def unpack(self, y: torch.Tensor | list[torch.Tensor]) -> torch.Tensor: ...
+    def unpack(self, y: torch.Tensor) -> torch.Tensor: ...
 
     @abstractmethod
-    def linear(
-        self, x: torch.Tensor | list[torch.Tensor], w_EIO: torch.Tensor, b_EO: torch.Tensor | None
-    ) -> torch.Tensor | list[torch.Tensor]: ...
+    def linear(self, x: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor | None) -> torch.Tensor: ...
 
 
 def group_ids(counts_E: torch.Tensor, num_rows: int | None = None) -> torch.Tensor:
@@ -50,8 +48,7 @@ class PaddedLayout(GroupedLayout):
         E, C = self.num_experts, self.capacity
         return x_NI.new_zeros(E * C, x_NI.shape[-1]).index_copy(0, self.flat_N, x_NI).view(E, C, -1)
 
-    def unpack(self, y: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        assert isinstance(y, torch.Tensor)
+    def unpack(self, y: torch.Tensor) -> torch.Tensor:
         return y.reshape(self.num_experts * self.capacity, -1)[self.flat_N]
 
     def linear(self, x, w_EIO, b_EO):  # type: ignore[override]
@@ -70,8 +67,7 @@ class RaggedLayout(GroupedLayout):
     def pack(self, x_NI: torch.Tensor) -> torch.Tensor:
         return x_NI.to(self.dtype)
 
-    def unpack(self, y: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        assert isinstance(y, torch.Tensor)
+    def unpack(self, y: torch.Tensor) -> torch.Tensor:
         return y
 
     def linear(self, x, w_EIO, b_EO):  # type: ignore[override]
@@ -83,19 +79,18 @@ class LoopLayout(GroupedLayout):
     def __init__(self, counts_E: torch.Tensor) -> None:
         self.sizes = counts_E.tolist()
 
-    def pack(self, x_NI: torch.Tensor) -> list[torch.Tensor]:
-        return list(torch.split(x_NI, self.sizes))
+    def pack(self, x_NI: torch.Tensor) -> torch.Tensor:
+        return x_NI
 
-    def unpack(self, y: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        assert isinstance(y, list)
-        return torch.cat(y)
+    def unpack(self, y: torch.Tensor) -> torch.Tensor:
+        return y
 
     def linear(self, x, w_EIO, b_EO):  # type: ignore[override]
         out = []
-        for e, x_e in enumerate(x):
+        for e, x_e in enumerate(torch.split(x, self.sizes)):
             y_e = x_e @ w_EIO[e].to(x_e.dtype)
             out.append(y_e if b_EO is None else y_e + b_EO[e].to(x_e.dtype))
-        return out
+        return torch.cat(out)
 
 
 def grouped_mm_dtype(x: torch.Tensor) -> torch.dtype | None:
