@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -67,6 +68,7 @@ class Variant:
     """One timed workload: `prepare` runs untimed before each timed `run`."""
 
     key: str
+    top_k: int
     label: str
     prepare: Callable[[], None]
     run: Callable[[], None]
@@ -201,10 +203,10 @@ def variants_for(b: Bench, top_k: int, x: torch.Tensor, layers: dict[str, MoEMlp
     dense = Mlp(b.dim, top_k * b.hidden).to(b.device).train()
     k = f"k{top_k}"
     dense_run = fwd_bwd(lambda: dense_loss(b, dense, x))
-    out = [Variant(f"{k}/dense", f"dense Mlp(D, {top_k}·H) fwd+bwd", clear_grads(dense, x), dense_run)]
+    out = [Variant(f"{k}/dense", top_k, f"dense Mlp(D, {top_k}·H) fwd+bwd", clear_grads(dense, x), dense_run)]
     for key, label in (("moe", "MoE fwd+bwd"), ("loop", "MoE naive loop fwd+bwd")):
         layer = layers[key]
-        out.append(Variant(f"{k}/{key}", label, clear_grads(layer, x), fwd_bwd(_bind(b, layer, x))))
+        out.append(Variant(f"{k}/{key}", top_k, label, clear_grads(layer, x), fwd_bwd(_bind(b, layer, x))))
     steps = (
         ("moe", "full MoE step"),
         ("rmoe_lr", f"RMoE frozen core r={b.rank} step"),
@@ -212,7 +214,9 @@ def variants_for(b: Bench, top_k: int, x: torch.Tensor, layers: dict[str, MoEMlp
     )
     for key, label in steps:
         layer = layers[key]
-        out.append(Variant(f"{k}/step_{key}", label, clear_grads(layer, x), train_step(layer, _bind(b, layer, x))))
+        out.append(
+            Variant(f"{k}/step_{key}", top_k, label, clear_grads(layer, x), train_step(layer, _bind(b, layer, x)))
+        )
     return out
 
 
@@ -259,9 +263,15 @@ def print_header(b: Bench, notes: list[str]) -> None:
     print(f"dtype {b.dtype} ({'bf16 autocast, fp32 weights' if b.dtype == torch.bfloat16 else 'no autocast'})")
     print(f"T={b.tokens} D={b.dim} H={b.hidden} E={b.experts} rank={b.rank} seed={b.seed}")
     print(f"warm-up {b.warmup} + {b.repeats} timed rounds, variants interleaved; AdamW lr={LEARNING_RATE:g}")
+    print(f"load average before: {_load()}")
     for line in notes:
         print(line)
     print()
+
+
+def _load() -> str:
+    """The machine's 1/5/15-min load: other processes on the cores are the main source of noise here."""
+    return " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
 def _device_name(device: torch.device) -> str:
@@ -273,40 +283,50 @@ def print_table(b: Bench, variants: list[Variant], times: dict[str, list[float]]
     for v in variants:
         ts = times[v.key]
         med = statistics.median(ts)
-        label = f"top-{v.key[1 : v.key.index('/')]} {v.label}"
+        label = f"top-{v.top_k} {v.label}"
         print(f"{label:<44}{med * 1e3:>11.2f}{min(ts) * 1e3:>10.2f}{max(ts) * 1e3:>10.2f}{b.tokens / med:>12,.0f}")
     print()
 
 
-def ratio_rows(b: Bench, times: dict[str, list[float]]) -> list[tuple[str, list[float], str, Callable[[float], bool]]]:
-    """(label, per-top-k ratio, goal text, goal check)."""
-    med = {key: statistics.median(ts) for key, ts in times.items()}
+@dataclass(frozen=True)
+class Ratio:
+    """A ratio of median times `num / den` per top-k, with an optional goal (`at_least` or at most)."""
 
-    def per_k(num: str, den: str) -> list[float]:
-        return [med[f"k{k}/{num}"] / med[f"k{k}/{den}"] for k in b.top_ks]
+    label: str
+    num: str
+    den: str
+    goal: float | None = None
+    at_least: bool = True
 
-    def info(_: float) -> bool:
-        return True
+    def values(self, b: Bench, med: dict[str, float]) -> list[float]:
+        return [med[f"k{k}/{self.num}"] / med[f"k{k}/{self.den}"] for k in b.top_ks]
 
+    def verdict(self, value: float) -> str:
+        if self.goal is None:
+            return ""
+        return "PASS" if (value >= self.goal if self.at_least else value <= self.goal) else "MISS"
+
+    def goal_text(self) -> str:
+        return "(info)" if self.goal is None else f"{'>=' if self.at_least else '<='} {self.goal}"
+
+
+def ratios(b: Bench) -> list[Ratio]:
+    """Throughput ratios are time ratios inverted (same T tokens), so `num` is the reference's time."""
     return [
-        ("MoE ÷ dense, fwd+bwd tokens/s", per_k("dense", "moe"), f">= {GOAL_MOE_VS_DENSE}", GOAL_MOE_VS_DENSE.__le__),
-        ("MoE ÷ naive loop, fwd+bwd tokens/s", per_k("loop", "moe"), "(info)", info),
-        (
-            f"RMoE r={b.rank} step ÷ full-MoE step, time",
-            per_k("step_rmoe_lr", "step_moe"),
-            f"<= {GOAL_RMOE_VS_MOE}",
-            GOAL_RMOE_VS_MOE.__ge__,
-        ),
-        ("RMoE full-rank step ÷ full-MoE step, time", per_k("step_rmoe_fr", "step_moe"), "(info)", info),
+        Ratio("MoE ÷ dense, fwd+bwd tokens/s", "dense", "moe", GOAL_MOE_VS_DENSE),
+        Ratio("MoE ÷ naive loop, fwd+bwd tokens/s", "loop", "moe"),
+        Ratio(f"RMoE r={b.rank} step ÷ full-MoE step, time", "step_rmoe_lr", "step_moe", GOAL_RMOE_VS_MOE, False),
+        Ratio("RMoE full-rank step ÷ full-MoE step, time", "step_rmoe_fr", "step_moe"),
     ]
 
 
 def print_ratios(b: Bench, times: dict[str, list[float]]) -> None:
+    med = {key: statistics.median(ts) for key, ts in times.items()}
     heads = "".join(f"{'top-' + str(k):>14}" for k in b.top_ks)
-    print(f"{'ratio':<44}{heads}   goal")
-    for label, values, goal, ok in ratio_rows(b, times):
-        cells = "".join(f"{v:>8.3f} {'' if goal == '(info)' else ('PASS' if ok(v) else 'MISS'):>5}" for v in values)
-        print(f"{label:<44}{cells}   {goal}")
+    print(f"{'ratio of medians':<44}{heads}   goal")
+    for r in ratios(b):
+        cells = "".join(f"{v:>8.3f} {r.verdict(v):>5}" for v in r.values(b, med))
+        print(f"{r.label:<44}{cells}   {r.goal_text()}")
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -335,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     times = measure(b, variants)
     print_table(b, variants, times)
     print_ratios(b, times)
+    print(f"\nload average after: {_load()}")
     return 0
 
 

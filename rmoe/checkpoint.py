@@ -27,15 +27,27 @@ def save_model(
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write the model's weights and spec atomically (a temp file renamed into place)."""
-    spec = spec or spec_of(model)
+    return save_state_dict(model.state_dict(), path, spec=spec or spec_of(model), metadata=metadata)
+
+
+def save_state_dict(
+    state: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    spec: ModelSpec | None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write tensors (and the spec that rebuilds their model, if given) atomically as safetensors."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    meta = {**(metadata or {}), "format": CHECKPOINT_FORMAT, "rmoe_spec": spec.to_json()}
+    tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
+    meta = {**(metadata or {}), "format": CHECKPOINT_FORMAT}
+    if spec is not None:
+        meta["rmoe_spec"] = spec.to_json()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(state, tmp, metadata=meta)
+        save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

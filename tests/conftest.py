@@ -18,3 +18,15 @@ def _seed() -> None:
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance for the whole session, shut down by the handle that started it."""
+    import ray
+
+    context = ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, namespace="rmoe-tests")
+    try:
+        yield context
+    finally:
+        ray.shutdown()

@@ -231,3 +231,16 @@ def test_rank_not_below_width_is_rejected() -> None:
 def test_upcycling_rejects_non_mlp() -> None:
     with pytest.raises(ValueError, match="mlp"):
         MoEMlp.from_dense(nn.Linear(D, D), MoEConfig(num_experts=E))
+
+
+@pytest.mark.parametrize("batch_prioritized", [False, True])
+def test_routing_groups_route_like_separate_batches(batch_prioritized) -> None:
+    """One forward with routing_groups=2 equals two forwards over the halves (what 2 workers see)."""
+    grouped = make_layer(2, 0.5, residual=False, routing_groups=2, batch_prioritized=batch_prioritized)
+    single = make_layer(2, 0.5, residual=False, batch_prioritized=batch_prioritized)
+    single.load_state_dict(grouped.state_dict())
+    x = torch.randn(2 * T, D)
+    halves = torch.cat([single(x[:T]), single(x[T:])])
+    torch.testing.assert_close(grouped(x), halves)
+    with pytest.raises(ValueError, match="routing_groups"):
+        grouped(torch.randn(T + 1, D))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -117,3 +119,15 @@ def test_merge_for_export_keeps_outputs_and_drops_the_core() -> None:
         rmoe.merge_residual_experts(model)
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
     assert not any("core_" in name for name in model.state_dict())
+
+
+def test_upcycling_is_determined_by_its_seed() -> None:
+    config = MoEConfig(num_experts=4, init_noise=0.05, residual_rank=4)
+    dense = dense_model("vit")
+    states = []
+    for _ in range(2):
+        model = copy.deepcopy(dense)
+        torch.manual_seed(len(states) + 123)  # the global RNG must not matter
+        rmoe.upcycle(model, [1, 3], config, seed=7)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

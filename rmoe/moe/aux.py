@@ -1,10 +1,13 @@
 """Router auxiliary losses and telemetry, returned per forward (never kept in globals).
 
+The losses are functions of batch-level statistics (sums over tokens), which `compute_aux` gathers
+into one vector so a distributed dispatcher can sum them across workers before the losses are formed.
 Shape suffixes: T tokens, E experts, K top-k slots.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -13,13 +16,23 @@ from rmoe.moe.config import AuxLossWeights
 from rmoe.moe.routing import Routing
 
 
+def cv_squared(importance_E: torch.Tensor) -> torch.Tensor:
+    """(std / mean)² with the population std, as in V-MoE."""
+    return importance_E.var(correction=0) / importance_E.mean().pow(2).clamp_min(1e-12)
+
+
 def importance_cv2_loss(probs_TE: torch.Tensor) -> torch.Tensor:
     """The paper's load-balance loss: (std / mean)² of per-expert importance Σₜ softmax(xₜ)ₑ.
 
-    Population std, as in V-MoE. 0 for perfectly even importance, E-1 when one expert takes it all.
+    0 for perfectly even importance, E-1 when one expert takes it all.
     """
-    importance_E = probs_TE.sum(0)
-    return importance_E.var(correction=0) / importance_E.mean().pow(2).clamp_min(1e-12)
+    return cv_squared(probs_TE.sum(0))
+
+
+def switch_from_stats(importance_E: torch.Tensor, counts_E: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    E = importance_E.shape[0]
+    fraction_E = counts_E / counts_E.sum().clamp_min(1)
+    return E * (fraction_E * importance_E / num_tokens.clamp_min(1)).sum()
 
 
 def switch_load_balance_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor) -> torch.Tensor:
@@ -27,10 +40,8 @@ def switch_load_balance_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor
 
     Its minimum, 1, is reached by uniform routing; E when every token goes to one expert.
     """
-    E = probs_TE.shape[-1]
-    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
-    fraction_E = counts_E / expert_idx_TK.numel()
-    return E * (fraction_E * probs_TE.mean(0)).sum()
+    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=probs_TE.shape[-1]).to(probs_TE.dtype)
+    return switch_from_stats(probs_TE.sum(0), counts_E, torch.tensor(float(probs_TE.shape[0])))
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
@@ -55,16 +66,43 @@ class MoEAux:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def compute_aux(routing: Routing, weights: AuxLossWeights) -> MoEAux:
-    losses = {
-        "importance": importance_cv2_loss(routing.probs_TE),
-        "switch": switch_load_balance_loss(routing.probs_TE, routing.expert_idx_TK),
-        "z": router_z_loss(routing.logits_TE),
-    }
-    total = weights.importance * losses["importance"] + weights.switch * losses["switch"] + weights.z * losses["z"]
-    kept_idx = routing.expert_idx_TK[routing.kept_TK]
+def _identity(stats: torch.Tensor) -> torch.Tensor:
+    return stats
+
+
+def compute_aux(
+    routing: Routing,
+    weights: AuxLossWeights,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = _identity,
+) -> MoEAux:
+    """Losses and telemetry from batch statistics, summed by `reduce` (identity on one device)."""
+    E = routing.num_experts
+    probs_TE = routing.probs_TE
+    routed_counts_E = torch.bincount(routing.expert_idx_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
+    kept_counts_E = torch.bincount(routing.expert_idx_TK[routing.kept_TK], minlength=E).to(probs_TE.dtype)
     with torch.no_grad():
-        tokens_per_expert = torch.bincount(kept_idx, minlength=routing.num_experts)
-        dropped = 1.0 - routing.kept_TK.float().mean()
-        entropy = router_entropy(routing.probs_TE)
-    return MoEAux(total, losses, tokens_per_expert, dropped, entropy)
+        entropy_sum = -(probs_TE * probs_TE.clamp_min(1e-12).log()).sum()
+    stats = torch.cat(
+        [
+            probs_TE.sum(0),
+            routed_counts_E,
+            kept_counts_E,
+            torch.logsumexp(routing.logits_TE, dim=-1).pow(2).sum().reshape(1),
+            entropy_sum.reshape(1),
+            probs_TE.new_tensor([float(probs_TE.shape[0])]),
+        ]
+    )
+    stats = reduce(stats)
+    importance_E, routed_E, kept_E = stats[:E], stats[E : 2 * E], stats[2 * E : 3 * E]
+    z_sum, entropy_total, num_tokens = stats[3 * E], stats[3 * E + 1], stats[3 * E + 2]
+    losses = {
+        "importance": cv_squared(importance_E),
+        "switch": switch_from_stats(importance_E, routed_E.detach(), num_tokens.detach()),
+        "z": z_sum / num_tokens.detach(),
+    }
+    total = sum((getattr(weights, name) * value for name, value in losses.items()), probs_TE.new_zeros(()))
+    with torch.no_grad():
+        tokens_per_expert = kept_E.round().long()
+        dropped = 1.0 - kept_E.sum() / routed_E.sum().clamp_min(1)
+        entropy = entropy_total / num_tokens
+    return MoEAux(total, losses, tokens_per_expert.detach(), dropped.detach(), entropy.detach())

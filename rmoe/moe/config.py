@@ -52,6 +52,7 @@ class MoEConfig:
     top_k: int = 1
     capacity_factor: float | None = None
     batch_prioritized: bool = False
+    routing_groups: int = 1
     noise_std: float = 0.0
     normalize_top_k: bool = False
     alignment: bool = True
@@ -73,6 +74,8 @@ class MoEConfig:
             raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {self.capacity_factor}")
+        if not isinstance(self.routing_groups, int) or self.routing_groups < 1:
+            raise ValueError(f"routing_groups must be a positive int, got {self.routing_groups!r}")
         if self.noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
         if self.init_noise < 0:

@@ -41,6 +41,14 @@ class TokenDispatcher(ABC):
     def combine(self, y_NO: torch.Tensor, state: object) -> torch.Tensor:
         """Return y_TKO with zeros in dropped slots."""
 
+    def reduce_sum(self, stats: torch.Tensor) -> torch.Tensor:
+        """Sum routing statistics over every replica that routes part of the same global batch.
+
+        Aux losses are functions of batch-level statistics (per-expert importance, load); a distributed
+        dispatcher sums them differentiably across workers so every worker sees the global values.
+        """
+        return stats
+
 
 def sort_slots_by_expert(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept (token, slot) ids ordered by expert (stable), and the kept count per expert."""

@@ -40,6 +40,10 @@ class _ExpertMlpBase(nn.Module):
         self.drop2 = nn.Dropout(drop)
         self.backend: ExpertBackend = backend
 
+    def expert_parameter_names(self) -> list[str]:
+        """Parameters stacked along a leading expert dim (what expert parallelism shards)."""
+        return [name for name, _ in self.named_parameters(recurse=False) if not name.startswith("core_")]
+
     def layout(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> GroupedLayout:
         return make_layout(tokens_per_expert_E, x_ND.shape[0], self.backend, x_ND)
 

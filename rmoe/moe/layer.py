@@ -132,7 +132,7 @@ class MoEMlp(nn.Module):
         else:
             experts = _copied_experts(fc1, fc2, act, drop, config, generator)
         return cls(
-            _router(fc1.in_features, config, device=fc1.weight.device),
+            _router(fc1.in_features, config, device=fc1.weight.device, generator=generator),
             experts,
             alignment=config.alignment,
             aux_weights=config.aux_weights,
@@ -146,7 +146,7 @@ class MoEMlp(nn.Module):
         y_NO = self.experts(dispatched.x_ND, dispatched.tokens_per_expert_E)
         y_TKO = self.dispatcher.combine(y_NO, dispatched.state)
         y_TO = combine_slots(y_TKO, routing.gates_TK, self.alignment)
-        self._last_aux = compute_aux(routing, self.aux_weights)
+        self._last_aux = compute_aux(routing, self.aux_weights, reduce=self.dispatcher.reduce_sum)
         return y_TO.reshape(*lead_shape, y_TO.shape[-1]).to(x.dtype)
 
     def pop_aux(self) -> MoEAux | None:
@@ -167,15 +167,19 @@ def moe_mlp_layer(config: MoEConfig) -> Callable[..., MoEMlp]:
     return build
 
 
-def _router(dim: int, config: MoEConfig, device: torch.device | None = None) -> TopKRouter:
+def _router(
+    dim: int, config: MoEConfig, device: torch.device | None = None, generator: torch.Generator | None = None
+) -> TopKRouter:
     return TopKRouter(
         dim,
         config.num_experts,
         config.top_k,
         capacity_factor=config.capacity_factor,
         batch_prioritized=config.batch_prioritized,
+        routing_groups=config.routing_groups,
         noise_std=config.noise_std,
         normalize_top_k=config.normalize_top_k,
+        generator=generator,
     ).to(device)
 
 

@@ -76,9 +76,11 @@ class TopKRouter(nn.Module):
         *,
         capacity_factor: float | None = None,
         batch_prioritized: bool = False,
+        routing_groups: int = 1,
         noise_std: float = 0.0,
         normalize_top_k: bool = False,
         init_std: float = 0.02,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if top_k > num_experts:
@@ -89,10 +91,12 @@ class TopKRouter(nn.Module):
         self.top_k = top_k
         self.capacity_factor = capacity_factor
         self.batch_prioritized = batch_prioritized
+        self.routing_groups = routing_groups
         self.noise_std = noise_std
         self.normalize_top_k = normalize_top_k
         self.gate = nn.Linear(dim, num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=init_std)
+        with torch.no_grad():  # sampled on CPU so a seeded CPU generator fixes it on any device
+            self.gate.weight.copy_(torch.randn(num_experts, dim, generator=generator) * init_std)
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
@@ -107,8 +111,22 @@ class TopKRouter(nn.Module):
         capacity = None
         kept_TK = torch.ones_like(expert_idx_TK, dtype=torch.bool)
         if self.capacity_factor is not None:
-            capacity = expert_capacity(x_TD.shape[0], self.num_experts, self.top_k, self.capacity_factor)
-            priority_T = probs_TE.max(-1).values.detach() if self.batch_prioritized else None
-            kept_TK = capacity_keep_mask(expert_idx_TK, priority_T, self.num_experts, capacity)
+            capacity, kept_TK = self._apply_capacity(expert_idx_TK, probs_TE)
             gates_TK = gates_TK * kept_TK
         return Routing(logits_TE, probs_TE, expert_idx_TK, gates_TK, kept_TK, capacity)
+
+    def _apply_capacity(self, expert_idx_TK: torch.Tensor, probs_TE: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Capacity per routing group (contiguous token groups routed independently)."""
+        T, G = expert_idx_TK.shape[0], self.routing_groups
+        if T % G:
+            raise ValueError(f"routing_groups ({G}) must divide the number of tokens in a forward ({T})")
+        assert self.capacity_factor is not None
+        capacity = expert_capacity(T // G, self.num_experts, self.top_k, self.capacity_factor)
+        priority_T = probs_TE.max(-1).values.detach() if self.batch_prioritized else None
+        idx_chunks = expert_idx_TK.chunk(G)
+        priority_chunks = [None] * G if priority_T is None else list(priority_T.chunk(G))
+        kept = [
+            capacity_keep_mask(idx_TK, prio_T, self.num_experts, capacity)
+            for idx_TK, prio_T in zip(idx_chunks, priority_chunks, strict=True)
+        ]
+        return capacity, torch.cat(kept)

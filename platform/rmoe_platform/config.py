@@ -1,0 +1,219 @@
+"""Typed configuration of one training stage, validated on construction and loadable from YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+
+import rmoe  # noqa: F401  (registers the rmoe_* timm models)
+from rmoe import ModelSpec, MoEConfig
+from rmoe_platform.configtools import ConfigError, check, from_dict, load_yaml
+
+TRAINABLE_GROUPS = ("all", "residual", "router", "experts", "core", "moe", "head", "non_moe")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model: a timm architecture (+ MoE), or the parent stage's checkpoint (+ an upcycling spec).
+
+    With `parent_checkpoint`, the parent's model is loaded; if it is dense and `moe` is set, its MLPs at
+    `moe_layers` are upcycled (experts = core + noise). `num_classes` swaps the classifier head
+    (a downstream label set).
+    """
+
+    arch: str = "rmoe_vit_nano_patch4_32"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    moe: dict[str, Any] | None = None
+    moe_layers: str | list[int] = "every_other"
+    parent_checkpoint: str | None = None
+    num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        check(timm.is_model(self.arch), f"arch: unknown timm model {self.arch!r}")
+        if self.moe is not None:
+            try:
+                MoEConfig.from_dict(self.moe)
+            except ValueError as err:
+                raise ValueError(f"moe: {err}") from None
+        check(self.num_classes is None or self.num_classes > 0, "num_classes must be > 0")
+        for key in ("pretrained", "num_experts", "moe_layers", "num_classes"):
+            check(key not in self.kwargs, f"kwargs.{key}: set it as a model field, not a kwarg")
+
+    def moe_config(self) -> MoEConfig | None:
+        return None if self.moe is None else MoEConfig.from_dict(self.moe)
+
+    def base_spec(self) -> ModelSpec:
+        return ModelSpec(self.arch, dict(self.kwargs))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay; router and residual groups may have their own LR."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    router_lr: float | None = None
+    residual_lr: float | None = None
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "router_lr", "residual_lr"):
+            value = getattr(self, name)
+            check(value is None or value > 0, f"{name} must be > 0, got {value}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Exactly one of `epochs` or `steps` (optimizer steps)."""
+
+    epochs: int | None = None
+    steps: int | None = None
+
+    def __post_init__(self) -> None:
+        check((self.epochs is None) != (self.steps is None), "set exactly one of epochs or steps")
+        value = self.epochs if self.epochs is not None else self.steps
+        check(isinstance(value, int) and value > 0, f"budget must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ScalingSpec:
+    num_workers: int = 1
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+    expert_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.num_workers >= 1, f"num_workers must be >= 1, got {self.num_workers}")
+        check(
+            self.expert_parallel_size >= 1 and self.num_workers % self.expert_parallel_size == 0,
+            f"expert_parallel_size ({self.expert_parallel_size}) must divide num_workers ({self.num_workers})",
+        )
+
+    @property
+    def device_kind(self) -> str:
+        return "gpu" if self.use_gpu else "cpu"
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    every_n_steps: int | None = None
+    every_n_epochs: int | None = 1
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("every_n_steps", "every_n_epochs"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, f"{name} must be >= 1, got {value}")
+        check(self.keep >= 1, f"keep must be >= 1, got {self.keep}")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Generated in-memory classification data (gratings), served to workers through Ray Data."""
+
+    source: Literal["gratings"] = "gratings"
+    num_train: int = 2048
+    num_val: int = 512
+    num_classes: int = 10
+    img_size: int = 32
+    noise: float = 0.35
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.source == "gratings", f"source must be 'gratings', got {self.source!r}")
+        check(self.num_train >= 1 and self.num_val >= 1, "num_train and num_val must be >= 1")
+        check(self.num_classes >= 2, f"num_classes must be >= 2, got {self.num_classes}")
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Test-only: worker `rank` exits at `step` once (the `marker` file records that it happened)."""
+
+    step: int
+    marker: str
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainable: tuple[str, ...] = ("all",)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    budget: BudgetConfig = field(default_factory=lambda: BudgetConfig(epochs=1))
+    batch_size: int = 64
+    scaling: ScalingSpec = field(default_factory=ScalingSpec)
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    storage: str = "./runs"
+    data: DataSpec = field(default_factory=DataSpec)
+    seed: int = 0
+    log_every: int = 10
+    max_failures: int = 0
+    fault_injection: FaultInjection | None = None
+
+    def __post_init__(self) -> None:
+        check(bool(self.name) and "/" not in self.name, f"name must be a non-empty name without '/', got {self.name!r}")
+        check(len(self.trainable) > 0, "trainable must name at least one group")
+        for group in self.trainable:
+            check(
+                group in TRAINABLE_GROUPS or group.startswith("re:"),
+                f"trainable: unknown group {group!r} (use {', '.join(TRAINABLE_GROUPS)} or 're:<regex>')",
+            )
+        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check(
+            self.batch_size % self.scaling.num_workers == 0,
+            f"batch_size ({self.batch_size}) must be divisible by scaling.num_workers ({self.scaling.num_workers})",
+        )
+        check(self.batch_size <= self.data.num_train, "batch_size must not exceed data.num_train")
+        check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
+        check(bool(self.storage), "storage must be a local path or s3://bucket/prefix")
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.batch_size // self.scaling.num_workers
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.data.num_train // self.batch_size
+
+    @property
+    def total_steps(self) -> int:
+        if self.budget.steps is not None:
+            return self.budget.steps
+        assert self.budget.epochs is not None
+        return self.budget.epochs * self.steps_per_epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageConfig:
+        return from_dict(cls, data, "stage")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> StageConfig:
+        return cls.from_dict(load_yaml(path))
+
+
+__all__ = [
+    "BudgetConfig",
+    "CheckpointSpec",
+    "ConfigError",
+    "DataSpec",
+    "FaultInjection",
+    "ModelConfig",
+    "OptimConfig",
+    "ScalingSpec",
+    "StageConfig",
+]

@@ -1,0 +1,76 @@
+"""Build frozen config dataclasses from plain dicts (YAML) with errors that name the field's path."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field (e.g. `stage.optim.lr`)."""
+
+
+def from_dict(cls: type[T], data: Any, path: str) -> T:
+    """`cls(**data)` recursively, rejecting unknown keys and prefixing every error with `path`."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{path}.{unknown[0]}: unknown field (known: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _convert(hints[name], value, f"{path}.{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        for option in options:
+            if dataclasses.is_dataclass(option):
+                return from_dict(option, value, path)
+        return _convert(options[0], value, path) if len(options) == 1 else value
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path)  # type: ignore[arg-type]
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; malformed YAML is a ConfigError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: no such file {str(path)!r}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping at the top level")
+    return data
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise a ValueError (turned into a path-prefixed ConfigError by `from_dict`) unless `condition`."""
+    if not condition:
+        raise ValueError(message)

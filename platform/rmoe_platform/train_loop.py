@@ -1,0 +1,220 @@
+"""The per-worker training function of a stage (Ray Train V2 `train_loop_per_worker`)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import rmoe
+from rmoe import ModelSpec
+from rmoe_platform.checkpointing import TrainProgress, restore_training_state, save_training_checkpoint
+from rmoe_platform.config import StageConfig
+from rmoe_platform.data import to_tensors
+from rmoe_platform.expert_parallel import ExpertParallelPlan, parallelize
+from rmoe_platform.optim import build_optimizer, build_schedule
+from rmoe_platform.stage_model import build_stage_model
+from rmoe_platform.storage import download
+from rmoe_platform.trainable import apply_trainable
+
+
+@dataclass
+class WorkerContext:
+    config: StageConfig
+    model: nn.Module
+    spec: ModelSpec
+    plan: ExpertParallelPlan
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    device: torch.device
+    rank: int
+    world: int
+
+
+def train_stage_worker(payload: dict[str, Any]) -> None:
+    """Build (or resume) the model, parallelize it, train to the budget, evaluate, checkpoint, report."""
+    config = StageConfig.from_dict(payload["config"])
+    # torch marks the autograd-aware collectives deprecated (see expert_parallel); say so once per worker.
+    warnings.filterwarnings("once", message="torch.distributed.nn.functional", category=FutureWarning)
+    with tempfile.TemporaryDirectory() as tmp:
+        resume_dir = _resume_dir(payload.get("resume_from"), Path(tmp))
+        ctx = _setup(config, payload.get("parent_checkpoint"), resume_dir)
+        progress, resumed_from = _resume(ctx, resume_dir)
+    train_shard = ray.train.get_dataset_shard("train")
+    started = time.perf_counter()
+    last: dict[str, float] = {}
+    while progress.step < config.total_steps:
+        batches = train_shard.iter_torch_batches(
+            batch_size=config.local_batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=4 * config.local_batch_size,
+            local_shuffle_seed=config.seed * 100_003 + progress.epoch,
+        )
+        for batch in batches:
+            if progress.step >= config.total_steps:
+                break
+            _maybe_inject_fault(config, ctx.rank, progress.step)
+            last = _train_step(ctx, batch)
+            progress.step += 1
+            progress.samples += config.batch_size
+            if _checkpoint_due(config, progress.step):
+                _report(ctx, progress, last, resumed_from, started, checkpoint=True)
+            elif progress.step % config.log_every == 0:
+                _report(ctx, progress, last, resumed_from, started, checkpoint=False)
+        else:
+            progress.epoch += 1
+            if _epoch_checkpoint_due(config, progress.epoch) and progress.step < config.total_steps:
+                _report(ctx, progress, last, resumed_from, started, checkpoint=True, evaluate=True)
+    _report(ctx, progress, last, resumed_from, started, checkpoint=True, evaluate=True, final=True)
+
+
+def _resume_dir(resume_uri: str | None, tmp: Path) -> Path | None:
+    """Where to resume from: Ray's latest checkpoint of this run (after a worker failure), else the
+    checkpoint the caller named (possibly written by a different number of workers), else nowhere."""
+    latest = ray.train.get_checkpoint()
+    if latest is not None:
+        return Path(latest.to_directory(str(tmp / "latest")))
+    if resume_uri is not None:
+        return download(resume_uri, tmp)
+    return None
+
+
+def _setup(config: StageConfig, parent_uri: str | None, resume_dir: Path | None) -> WorkerContext:
+    torch.manual_seed(config.seed)
+    device = ray.train.torch.get_device() if config.scaling.use_gpu else torch.device("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        parent = download(parent_uri, Path(tmp)) if parent_uri and resume_dir is None else None
+        model, spec = build_stage_model(config, parent=parent, resume=resume_dir)
+    moe = spec.moe
+    apply_trainable(model, config.trainable, freeze_core=moe.freeze_core if moe else True)
+    model.to(device)
+    plan = parallelize(model, config.scaling.expert_parallel_size)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_schedule(optimizer, config.optim, config.total_steps)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return WorkerContext(config, model, spec, plan, optimizer, scheduler, device, rank, world)
+
+
+def _resume(ctx: WorkerContext, resume_dir: Path | None) -> tuple[TrainProgress, int | None]:
+    if resume_dir is None:
+        return TrainProgress(), None
+    progress = restore_training_state(resume_dir, ctx.model, ctx.plan, ctx.optimizer, ctx.scheduler)
+    return progress, progress.step
+
+
+def _train_step(ctx: WorkerContext, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    ctx.model.train()
+    images, labels = to_tensors(batch, ctx.device)
+    logits, aux = rmoe.forward_with_aux(ctx.model, images)
+    task_loss = nn.functional.cross_entropy(logits, labels)
+    loss = task_loss + aux.loss
+    ctx.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    ctx.plan.sync_gradients()
+    grad_norm = ctx.plan.clip_grad_norm_(ctx.config.optim.grad_clip or float("inf"))
+    ctx.optimizer.step()
+    ctx.scheduler.step()
+    stats = torch.stack([loss.detach(), task_loss.detach(), aux.loss.detach().reshape(())])
+    if ctx.world > 1:
+        dist.all_reduce(stats)
+        stats /= ctx.world
+    metrics = {"loss": float(stats[0]), "task_loss": float(stats[1]), "aux_loss": float(stats[2])}
+    metrics["lr"] = ctx.scheduler.get_last_lr()[0]
+    metrics["grad_norm"] = grad_norm
+    metrics.update({f"moe/{k}": v for k, v in aux.telemetry().items()})
+    return metrics
+
+
+@torch.no_grad()
+def validate(ctx: WorkerContext) -> dict[str, float]:
+    """Validation loss and accuracy over this worker's (unshuffled) shard, summed over workers."""
+    ctx.model.eval()
+    totals = torch.zeros(3, dtype=torch.float64)
+    for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=ctx.config.local_batch_size):
+        images, labels = to_tensors(batch, ctx.device)
+        logits = ctx.model(images)
+        rmoe.collect_moe_aux(ctx.model)
+        totals += torch.tensor(
+            [
+                float(nn.functional.cross_entropy(logits, labels, reduction="sum")),
+                float((logits.argmax(-1) == labels).sum()),
+                float(len(labels)),
+            ],
+            dtype=torch.float64,
+        )
+    if ctx.world > 1:
+        dist.all_reduce(totals)
+    count = max(totals[2].item(), 1.0)
+    return {"val_loss": totals[0].item() / count, "val_accuracy": totals[1].item() / count, "val_samples": count}
+
+
+def residual_telemetry(ctx: WorkerContext) -> dict[str, float]:
+    """Mean and max ‖θʳₑ‖/‖θ⁰‖ per residual MoE layer, over all experts (gathered across shards)."""
+    out: dict[str, float] = {}
+    for name, ratios in rmoe.residual_norm_ratios(ctx.model).items():
+        full = ctx.plan.gather_experts(torch.tensor(ratios))
+        out[f"moe/{name}/residual_norm_ratio_mean"] = float(full.mean())
+        out[f"moe/{name}/residual_norm_ratio_max"] = float(full.max())
+    return out
+
+
+def _report(
+    ctx: WorkerContext,
+    progress: TrainProgress,
+    last: dict[str, float],
+    resumed_from: int | None,
+    started: float,
+    *,
+    checkpoint: bool,
+    evaluate: bool = False,
+    final: bool = False,
+) -> None:
+    """Every worker reports (a Ray Train sync point); rank 0 attaches the checkpoint."""
+    metrics: dict[str, Any] = {**last, "step": progress.step, "epoch": progress.epoch, "samples": progress.samples}
+    metrics.update(
+        {"resumed_from_step": -1 if resumed_from is None else resumed_from, "final": final, "world_size": ctx.world}
+    )
+    metrics["train_seconds"] = time.perf_counter() - started
+    if evaluate:
+        metrics.update(validate(ctx))
+    metrics.update(residual_telemetry(ctx))
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        save_training_checkpoint(directory, ctx.model, ctx.plan, ctx.optimizer, ctx.scheduler, progress, ctx.spec)
+        attached = ray.train.Checkpoint.from_directory(tmp) if ctx.rank == 0 else None
+        ray.train.report(metrics, checkpoint=attached, checkpoint_dir_name=f"checkpoint_{progress.step:08d}")
+
+
+def _checkpoint_due(config: StageConfig, step: int) -> bool:
+    every = config.checkpoint.every_n_steps
+    return every is not None and step % every == 0 and step < config.total_steps
+
+
+def _epoch_checkpoint_due(config: StageConfig, epoch: int) -> bool:
+    every = config.checkpoint.every_n_epochs
+    return every is not None and epoch % every == 0
+
+
+def _maybe_inject_fault(config: StageConfig, rank: int, step: int) -> None:
+    """Test-only hook: the configured worker dies at the configured step, once."""
+    fault = config.fault_injection
+    if fault is None or rank != fault.rank or step != fault.step:
+        return
+    marker = Path(fault.marker)
+    if marker.exists():
+        return
+    marker.write_text(f"worker {rank} exited at step {step}\n")
+    os._exit(17)
