@@ -1,0 +1,56 @@
+"""Cost accounting: a stage's measured device time and analytic FLOPs, in GPU-days and dollars, and a
+pipeline's total over all its stages (shared stages charged in full to every pipeline using them)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+SECONDS_PER_DAY = 86_400.0
+
+
+@dataclass(frozen=True)
+class Cost:
+    flops: float = 0.0
+    device_seconds: float = 0.0
+    gpu_seconds: float = 0.0
+    dollars: float = 0.0
+
+    @property
+    def gpu_days(self) -> float:
+        return self.gpu_seconds / SECONDS_PER_DAY
+
+    @property
+    def device_hours(self) -> float:
+        return self.device_seconds / 3600.0
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(
+            self.flops + other.flops,
+            self.device_seconds + other.device_seconds,
+            self.gpu_seconds + other.gpu_seconds,
+            self.dollars + other.dollars,
+        )
+
+    def __sub__(self, other: Cost) -> Cost:
+        return Cost(
+            self.flops - other.flops,
+            self.device_seconds - other.device_seconds,
+            self.gpu_seconds - other.gpu_seconds,
+            self.dollars - other.dollars,
+        )
+
+
+def stage_cost(flops: float, device_seconds: float, device_kind: str, prices: Mapping[str, float]) -> Cost:
+    """Price `device_seconds` of `device_kind` at `prices[device_kind]` dollars per device-hour."""
+    if device_kind not in prices:
+        raise ValueError(f"prices: no price for device kind {device_kind!r}")
+    gpu_seconds = device_seconds if device_kind == "gpu" else 0.0
+    return Cost(flops, device_seconds, gpu_seconds, device_seconds / 3600.0 * prices[device_kind])
+
+
+def total(costs: Iterable[Cost]) -> Cost:
+    out = Cost()
+    for cost in costs:
+        out = out + cost
+    return out

@@ -1,0 +1,81 @@
+"""Command-line front ends of the jobs (parse → build → run), kept out of `jobs/` so they are testable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from rmoe_platform.configtools import ConfigError
+from rmoe_platform.experiment import PIPELINES, ExperimentConfig
+
+
+def pipeline_parser(default_config: Path | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jobs/pipeline.py",
+        description="Run RMoE pipelines (dense, moe, rmoe_i, rmoe_d, upcycle) and compare accuracy with cost.",
+    )
+    parser.add_argument(
+        "--config", type=Path, default=default_config, help=f"experiment preset (default: {default_config})"
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    parser.add_argument("--pipelines", help=f"comma-separated subset of {','.join(PIPELINES)}")
+    parser.add_argument("--results", help="results store: a local path or s3://bucket/prefix")
+    return parser
+
+
+def load_experiment(args: argparse.Namespace) -> ExperimentConfig:
+    overrides = list(args.overrides)
+    if args.pipelines:
+        overrides.append(f"pipelines=[{args.pipelines}]")
+    if args.results:
+        overrides.append(f"results={args.results}")
+    return ExperimentConfig.load(args.config, overrides)
+
+
+def init_ray() -> None:
+    """Join the cluster a submitted job runs on (RAY_ADDRESS), else start a local Ray; ship our code."""
+    import ray
+
+    import rmoe
+    import rmoe_platform
+
+    if ray.is_initialized():
+        return
+    # Directories, not module objects: a submitted job's runtime env is deep-copied when merged.
+    modules = [str(Path(module.__file__).parent) for module in (rmoe, rmoe_platform)]
+    ray.init(
+        runtime_env={"py_modules": modules},
+        include_dashboard=False if "RAY_ADDRESS" not in os.environ else None,
+        log_to_driver=False,
+    )
+
+
+def pipeline_main(argv: list[str], default_config: Path | None = None) -> int:
+    args = pipeline_parser(default_config).parse_args(argv)
+    try:
+        exp = load_experiment(args)
+        from rmoe_platform.results import ResultsStore
+        from rmoe_platform.runner import ExperimentRunner, format_report
+
+        runner = ExperimentRunner(exp, ResultsStore(exp.results))
+        runner.validate()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    print(f"experiment {exp.name}: pipelines {', '.join(exp.pipelines)}; results → {exp.results}", flush=True)
+    init_ray()
+    try:
+        report = runner.run()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print()
+    print(format_report(report))
+    print(f"\nwall time {time.perf_counter() - started:.0f} s; results in {exp.results}")
+    return 0 if report.ok else 1

@@ -1,0 +1,119 @@
+"""An experiment: the paper's pipelines side by side, from one config (YAML presets under `configs/`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rmoe import MoEConfig
+from rmoe_platform.config import BudgetConfig, DataSpec, OptimConfig, ScalingSpec
+from rmoe_platform.configtools import ConfigError, check, from_dict, load_yaml
+
+PIPELINES = ("dense", "moe", "rmoe_i", "rmoe_d", "upcycle")
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """Data, budget and optimizer of one phase (upstream, intermediate, downstream)."""
+
+    budget: BudgetConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataSpec | None = None
+
+
+@dataclass(frozen=True)
+class MoESettings:
+    """The MoE shared by the MoE pipelines; `layers` is a selection (every_other, last_<n>, '1,3', …)."""
+
+    num_experts: int = 4
+    top_k: int = 1
+    layers: str | list[int] = "every_other"
+    capacity_factor: float | None = None
+    init_noise: float = 0.01
+    residual_rank: int | None = None
+    importance_loss: float = 0.01
+
+    def __post_init__(self) -> None:
+        self.config(residual=True)  # validates the combination
+
+    def config(self, *, residual: bool, freeze_core: bool = True) -> MoEConfig:
+        return MoEConfig(
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            capacity_factor=self.capacity_factor,
+            init_noise=self.init_noise,
+            residual=residual,
+            residual_rank=self.residual_rank if residual else None,
+            freeze_core=freeze_core,
+            aux_weights={"importance": self.importance_loss},
+        )
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    pipelines: tuple[str, ...] = PIPELINES
+    arch: str = "rmoe_vit_nano_patch4_32"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    moe: MoESettings = field(default_factory=MoESettings)
+    upstream: PhaseConfig = field(default_factory=lambda: PhaseConfig(BudgetConfig(epochs=1)))
+    intermediate: PhaseConfig = field(default_factory=lambda: PhaseConfig(BudgetConfig(steps=20)))
+    downstream: PhaseConfig = field(default_factory=lambda: PhaseConfig(BudgetConfig(epochs=1)))
+    batch_size: int = 64
+    scaling: ScalingSpec = field(default_factory=ScalingSpec)
+    moe_scaling: ScalingSpec | None = None
+    storage: str = "./runs"
+    results: str = "./runs/results"
+    prices: dict[str, float] = field(default_factory=lambda: {"cpu": 0.05, "gpu": 2.5})
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(bool(self.name) and "/" not in self.name, f"name must be non-empty without '/', got {self.name!r}")
+        check(len(self.pipelines) > 0, "pipelines must name at least one pipeline")
+        for pipeline in self.pipelines:
+            check(pipeline in PIPELINES, f"pipelines: unknown pipeline {pipeline!r} (known: {', '.join(PIPELINES)})")
+        check(self.upstream.data is not None, "upstream.data is required")
+        check(self.downstream.data is not None, "downstream.data is required")
+        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        for kind, price in self.prices.items():
+            check(price >= 0, f"prices.{kind} must be >= 0, got {price}")
+        for kind in {self.scaling.device_kind, (self.moe_scaling or self.scaling).device_kind}:
+            check(kind in self.prices, f"prices: no price for device kind {kind!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
+        return from_dict(cls, data, "experiment")
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+        """A preset (or {} when `path` is None) with `key.sub=value` overrides (values parsed as YAML)."""
+        data = load_yaml(path) if path is not None else {}
+        for override in overrides or []:
+            apply_override(data, override)
+        return cls.from_dict(data)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (numbers, lists, null …)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {override!r}: expected key=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {override!r}: value is not valid YAML: {err}") from None
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {override!r}: {part} is not a mapping")
+        node = child
+    node[parts[-1]] = value

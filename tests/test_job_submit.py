@@ -1,0 +1,127 @@
+"""`ray job submit` against a `ray start --head` cluster the test starts (and stops by process group)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rmoe_platform.results import ResultsStore
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.fixture
+def ray_head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
+    """A token-authenticated Ray head on loopback with its own ports and temp dir."""
+    temp = Path("/tmp") / f"rmoe-head-{secrets.token_hex(4)}"  # short: Ray's socket paths have a length limit
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is this venv's
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    gcs, dash, agent, agent_grpc, runtime_env, metrics, node_mgr, obj_mgr, client = free_ports(9)
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--metrics-export-port={metrics}",
+            f"--node-manager-port={node_mgr}",
+            f"--object-manager-port={obj_mgr}",
+            f"--ray-client-server-port={client}",
+            "--num-cpus=4",
+            f"--temp-dir={temp}",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 180
+        while subprocess.run(
+            [str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True
+        ).returncode:
+            assert head.poll() is None, "the Ray head exited during start-up"
+            assert time.monotonic() < deadline, "the Ray head's job server never became ready"
+            time.sleep(2)
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        subprocess.run(["rm", "-rf", str(temp)], check=False)
+
+
+@pytest.mark.slow
+def test_job_submission_runs_the_smoke_preset_into_the_store(ray_head, tmp_path: Path) -> None:
+    address, env = ray_head
+    results = tmp_path / "results"
+    out = subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "jobs/pipeline.py",
+            "--config",
+            "configs/smoke.yaml",
+            "--pipelines",
+            "dense",
+            "--set",
+            f"storage={tmp_path / 'ckpt'}",
+            "--results",
+            str(results),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "succeeded" in out.stdout + out.stderr
+    rows = ResultsStore(str(results)).read().table.to_pylist()
+    assert sorted(r["stage"] for r in rows if r["row_type"] == "stage") == ["dense/downstream", "upstream_dense"]
+    assert [r["pipeline"] for r in rows if r["row_type"] == "pipeline"] == ["dense"]

@@ -1,0 +1,184 @@
+"""Pipelines as stage graphs, the stage cache, cost accounting, and the main job's command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rmoe_platform.accounting import Cost, stage_cost, total
+from rmoe_platform.experiment import ExperimentConfig
+from rmoe_platform.pipelines import plan_pipelines, shared_keys
+from rmoe_platform.results import ResultsStore
+from rmoe_platform.runner import ExperimentRunner, format_report
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def smoke(tmp_path: Path, *overrides: str) -> ExperimentConfig:
+    base = [f"storage={tmp_path / 'ckpt'}", f"results={tmp_path / 'results'}"]
+    return ExperimentConfig.load(SMOKE, [*base, *overrides])
+
+
+# ---- the graph -----------------------------------------------------------------------------------
+def test_pipelines_share_the_dense_upstream_node(tmp_path: Path) -> None:
+    plans = plan_pipelines(smoke(tmp_path))
+    assert set(plans) == {"dense", "moe", "rmoe_i", "rmoe_d", "upcycle"}
+    assert [s.key for s in plans["rmoe_i"]] == ["upstream_dense", "rmoe_i/residual", "rmoe_i/downstream"]
+    assert [s.key for s in plans["moe"]] == ["upstream_moe", "moe/downstream"]
+    dense_nodes = {id(stages[0]) for name, stages in plans.items() if name != "moe"}
+    assert len(dense_nodes) == 1
+    assert shared_keys(plans) == {"upstream_dense"}
+    residual = plans["rmoe_i"][1].config
+    assert residual.trainable == ("residual", "router") and residual.model.moe["freeze_core"]
+    assert residual.data == plans["dense"][0].config.data  # the intermediate stage trains on upstream data
+    assert plans["upcycle"][1].config.model.moe["residual"] is False
+
+
+def test_hashes_change_only_downstream_of_a_change(tmp_path: Path) -> None:
+    before = {s.key: s.config_hash for stages in plan_pipelines(smoke(tmp_path)).values() for s in stages}
+    after = {
+        s.key: s.config_hash
+        for stages in plan_pipelines(smoke(tmp_path, "intermediate.budget.steps=5")).values()
+        for s in stages
+    }
+    changed = {key for key in before if before[key] != after[key]}
+    assert changed == {"rmoe_i/residual", "rmoe_i/downstream", "upcycle/intermediate", "upcycle/downstream"}
+    moved = {s.key: s.config_hash for stages in plan_pipelines(smoke(tmp_path / "elsewhere")).values() for s in stages}
+    assert moved == before, "where checkpoints are written is not part of a stage's identity"
+
+
+# ---- accounting ----------------------------------------------------------------------------------
+def test_stage_cost_prices_device_time() -> None:
+    gpu = stage_cost(1e15, 7200.0, "gpu", {"gpu": 2.5, "cpu": 0.1})
+    assert gpu.dollars == pytest.approx(5.0) and gpu.gpu_days == pytest.approx(7200 / 86400)
+    cpu = stage_cost(1e12, 3600.0, "cpu", {"gpu": 2.5, "cpu": 0.1})
+    assert cpu.dollars == pytest.approx(0.1) and cpu.gpu_days == 0
+    assert total([gpu, cpu]).flops == pytest.approx(1e15 + 1e12)
+    assert (gpu - cpu).device_seconds == pytest.approx(3600.0)
+    with pytest.raises(ValueError, match="prices"):
+        stage_cost(1.0, 1.0, "tpu", {"gpu": 1.0})
+    assert Cost().dollars == 0
+
+
+# ---- end to end ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smoke_run(ray_local, tmp_path_factory) -> tuple[Path, Any]:
+    tmp = tmp_path_factory.mktemp("smoke")
+    exp = smoke(tmp)
+    report = ExperimentRunner(exp, ResultsStore(exp.results), log=lambda _: None).run()
+    return tmp, report
+
+
+@pytest.mark.slow
+def test_smoke_preset_runs_all_pipelines_end_to_end(smoke_run) -> None:
+    tmp, report = smoke_run
+    assert report.ok, format_report(report)
+    table = ResultsStore(str(tmp / "results")).read().table.to_pylist()
+    stages = [row for row in table if row["row_type"] == "stage"]
+    pipelines = [row for row in table if row["row_type"] == "pipeline"]
+    assert sorted(row["stage"] for row in stages) == sorted(
+        [
+            "upstream_dense",
+            "dense/downstream",
+            "upstream_moe",
+            "moe/downstream",
+            "rmoe_i/residual",
+            "rmoe_i/downstream",
+            "rmoe_d/downstream",
+            "upcycle/intermediate",
+            "upcycle/downstream",
+        ]
+    )  # one row per stage run: the shared dense upstream ran exactly once
+    dense_upstream = next(row for row in stages if row["stage"] == "upstream_dense")
+    assert dense_upstream["shared"] and set(dense_upstream["pipeline"].split(",")) == {
+        "dense",
+        "rmoe_i",
+        "rmoe_d",
+        "upcycle",
+    }
+    assert sorted(row["pipeline"] for row in pipelines) == ["dense", "moe", "rmoe_d", "rmoe_i", "upcycle"]
+    by_name = {row["pipeline"]: row for row in pipelines}
+    # a shared stage is charged in full to every pipeline that uses it
+    stage_flops = {row["stage"]: row["flops"] for row in stages}
+    assert by_name["rmoe_i"]["flops"] == pytest.approx(
+        stage_flops["upstream_dense"] + stage_flops["rmoe_i/residual"] + stage_flops["rmoe_i/downstream"]
+    )
+    assert by_name["rmoe_i"]["marginal_flops"] == pytest.approx(by_name["rmoe_i"]["flops"] - by_name["dense"]["flops"])
+    assert all(row["status"] == "succeeded" and row["checkpoint_uri"] for row in stages)
+    assert all(0 <= row["metric"] <= 1 for row in pipelines)
+    text = format_report(report)
+    assert "Δ vs dense" in text and "rmoe_i" in text
+
+
+@pytest.mark.slow
+def test_rerun_reuses_every_stage_and_a_budget_change_reruns_only_its_descendants(smoke_run) -> None:
+    tmp, _ = smoke_run
+    store = ResultsStore(str(tmp / "results"))
+    stage_rows = len(store.rows(row_type="stage"))
+    again = ExperimentRunner(smoke(tmp), store, log=lambda _: None).run()
+    assert {o.status for o in again.outcomes.values()} == {"cached"}
+    assert len(store.rows(row_type="stage")) == stage_rows, "a cache hit is not a new stage run"
+
+    changed = smoke(tmp, "intermediate.budget.steps=3", "pipelines=[dense,rmoe_i]")
+    report = ExperimentRunner(changed, store, log=lambda _: None).run()
+    status = {key: o.status for key, o in report.outcomes.items()}
+    assert status == {
+        "upstream_dense": "cached",
+        "dense/downstream": "cached",
+        "rmoe_i/residual": "succeeded",
+        "rmoe_i/downstream": "succeeded",
+    }
+
+
+# ---- the command line ----------------------------------------------------------------------------
+def run_job(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "pipeline.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "args", "message"),
+    [
+        ("name: [unclosed", [], "not valid YAML"),
+        ("name: x\nupstream_typo: 1\n", [], "experiment.upstream_typo: unknown field"),
+        (SMOKE.read_text(), ["--set", "batch_size=0"], "batch_size must be >= 1"),
+        (SMOKE.read_text(), ["--set", "moe.top_k=9"], "top_k"),
+        (SMOKE.read_text(), ["--pipelines", "dense,bogus"], "unknown pipeline 'bogus'"),
+        (SMOKE.read_text(), ["--set", "noequals"], "expected key=value"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, content: str, args: list[str], message: str) -> None:
+    config = tmp_path / "exp.yaml"
+    config.write_text(content)
+    out = run_job(
+        "--config", str(config), "--set", f"storage={tmp_path / 'ckpt'}", "--results", str(tmp_path / "res"), *args
+    )
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "res").exists()
+
+
+def test_unwritable_results_uri_exits_2(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = run_job(
+        "--config", str(SMOKE), "--set", f"storage={tmp_path / 'ckpt'}", "--results", str(blocker / "results")
+    )
+    assert out.returncode == 2 and "results" in out.stderr
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_help_describes_the_job() -> None:
+    out = run_job("--help")
+    assert out.returncode == 0 and "--pipelines" in out.stdout and "--results" in out.stdout
