@@ -84,7 +84,7 @@ class AllToAllDispatcher(TokenDispatcher):
         dist.all_to_all_single(recv_counts_RL, send_counts_RL, group=self.ep_group)
         send_splits = send_counts_RL.sum(1).tolist()
         recv_splits = recv_counts_RL.sum(1).tolist()
-        x_sorted_ND = x_TD[slot_order_N // routing.top_k]
+        x_sorted_ND = x_TD.index_select(0, slot_order_N // routing.top_k)
         x_recv_ND = dist_fn.all_to_all_single(
             x_sorted_ND.new_empty(sum(recv_splits), x_TD.shape[-1]),
             x_sorted_ND,
@@ -98,7 +98,7 @@ class AllToAllDispatcher(TokenDispatcher):
         )
         regroup_N = torch.argsort(local_expert_N, stable=True)
         state = AllToAllState(slot_order_N, regroup_N, send_splits, recv_splits, x_TD.shape[0], routing.top_k)
-        return Dispatched(x_recv_ND[regroup_N], recv_counts_RL.sum(0), state)
+        return Dispatched(x_recv_ND.index_select(0, regroup_N), recv_counts_RL.sum(0), state)
 
     def combine(self, y_NO: torch.Tensor, state: object) -> torch.Tensor:
         assert isinstance(state, AllToAllState)

@@ -68,7 +68,7 @@ class LocalDispatcher(TokenDispatcher):
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
         slot_order_N, counts_E = sort_slots_by_expert(routing)
-        x_ND = x_TD[slot_order_N // routing.top_k]
+        x_ND = x_TD.index_select(0, slot_order_N // routing.top_k)
         return Dispatched(x_ND, counts_E, LocalDispatchState(slot_order_N, x_TD.shape[0], routing.top_k))
 
     def combine(self, y_NO: torch.Tensor, state: object) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from rmoe.moe.config import ExpertBackend
-from rmoe.moe.grouped import GroupedLayout, make_layout
+from rmoe.moe.grouped import GroupedLayout, grouped_mm_dtype, make_layout
 
 ExpertWeights = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
 
@@ -184,45 +184,45 @@ class ResidualExperts(_ExpertMlpBase):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        layout = self.layout(x_ND, tokens_per_expert_E)
         if self.rank is None:
+            layout = self.layout(x_ND, tokens_per_expert_E)
             w1, b1, w2, b2 = self.expert_weights()
             h = self.drop1(self.act(layout.linear(layout.pack(x_ND), w1, b1)))
             return self.drop2(layout.unpack(layout.linear(h, w2, b2)))
-        h_NH = self._core_plus_low_rank(
-            layout,
-            x_ND,
-            self.core_w1_DH,
-            self.core_b1_H,
-            self.res_w1_a_EDR,
-            self.res_w1_b_ERH,
-            self.res_b1_EH,
+        thin = thin_layout(x_ND, tokens_per_expert_E, self.backend)
+        h_NH = core_plus_low_rank(
+            thin, x_ND, self.core_w1_DH, self.core_b1_H, self.res_w1_a_EDR, self.res_w1_b_ERH, self.res_b1_EH
         )
         h_NH = self.drop1(self.act(h_NH))
-        y_NO = self._core_plus_low_rank(
-            layout,
-            h_NH,
-            self.core_w2_HO,
-            self.core_b2_O,
-            self.res_w2_a_EHR,
-            self.res_w2_b_ERO,
-            self.res_b2_EO,
+        y_NO = core_plus_low_rank(
+            thin, h_NH, self.core_w2_HO, self.core_b2_O, self.res_w2_a_EHR, self.res_w2_b_ERO, self.res_b2_EO
         )
         return self.drop2(y_NO)
 
-    @staticmethod
-    def _core_plus_low_rank(
-        layout: GroupedLayout,
-        x_NI: torch.Tensor,
-        core_w_IO: torch.Tensor,
-        core_b_O: torch.Tensor | None,
-        a_EIR: torch.Tensor,
-        b_ERO: torch.Tensor,
-        res_b_EO: torch.Tensor | None,
-    ) -> torch.Tensor:
-        core = nn.functional.linear(x_NI, core_w_IO.t(), core_b_O)
-        delta = layout.unpack(layout.linear(layout.linear(layout.pack(x_NI), a_EIR, None), b_ERO, res_b_EO))
-        return core + delta.to(core.dtype)
+
+def thin_layout(x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, backend: ExpertBackend) -> GroupedLayout:
+    """Layout of the rank-R residual GEMMs: torch's grouped GEMM where it runs (CUDA, bf16); elsewhere
+    one thin GEMM per expert on the contiguous slices the dispatcher produced. Padding would copy the
+    wide [N, D] / [N, H] activations into [E, C, ·] buffers and back, which costs more than the thin
+    GEMMs themselves (measured in benchmarks/moe_layer.py). An explicit `expert_backend` is honoured."""
+    if backend == "auto":
+        backend = "auto" if x_ND.device.type == "cuda" and grouped_mm_dtype(x_ND) is not None else "loop"
+    return make_layout(tokens_per_expert_E, x_ND.shape[0], backend, x_ND)
+
+
+def core_plus_low_rank(
+    thin: GroupedLayout,
+    x_NI: torch.Tensor,
+    core_w_IO: torch.Tensor,
+    core_b_O: torch.Tensor | None,
+    a_EIR: torch.Tensor,
+    b_ERO: torch.Tensor,
+    res_b_EO: torch.Tensor | None,
+) -> torch.Tensor:
+    """x·W⁰ + b⁰ as one dense GEMM over all rows, plus (x·Aₑ)·Bₑ + bₑ per row's expert e."""
+    core = nn.functional.linear(x_NI, core_w_IO.t(), core_b_O)
+    delta = thin.unpack(thin.linear(thin.linear(thin.pack(x_NI), a_EIR, None), b_ERO, res_b_EO))
+    return core + delta.to(core.dtype)
 
 
 def _normal(shape: tuple[int, ...], std: float, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

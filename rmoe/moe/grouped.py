@@ -49,7 +49,7 @@ class PaddedLayout(GroupedLayout):
         return x_NI.new_zeros(E * C, x_NI.shape[-1]).index_copy(0, self.flat_N, x_NI).view(E, C, -1)
 
     def unpack(self, y: torch.Tensor) -> torch.Tensor:
-        return y.reshape(self.num_experts * self.capacity, -1)[self.flat_N]
+        return y.reshape(self.num_experts * self.capacity, -1).index_select(0, self.flat_N)
 
     def linear(self, x, w_EIO, b_EO):  # type: ignore[override]
         w_EIO = w_EIO.to(x.dtype)
@@ -86,10 +86,12 @@ class LoopLayout(GroupedLayout):
         return y
 
     def linear(self, x, w_EIO, b_EO):  # type: ignore[override]
+        # unbind, not w_EIO[e]: indexing makes each expert's backward add into a full [E, I, O] zero buffer
+        biases = [None] * len(self.sizes) if b_EO is None else b_EO.unbind(0)
         out = []
-        for e, x_e in enumerate(torch.split(x, self.sizes)):
-            y_e = x_e @ w_EIO[e].to(x_e.dtype)
-            out.append(y_e if b_EO is None else y_e + b_EO[e].to(x_e.dtype))
+        for x_e, w_IO, b_O in zip(torch.split(x, self.sizes), w_EIO.unbind(0), biases, strict=True):
+            y_e = x_e @ w_IO.to(x_e.dtype)
+            out.append(y_e if b_O is None else y_e + b_O.to(x_e.dtype))
         return torch.cat(out)
 
 
