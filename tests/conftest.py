@@ -25,7 +25,13 @@ def ray_local():
     """A local Ray instance for the whole session, shut down by the handle that started it."""
     import ray
 
-    context = ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, namespace="rmoe-tests")
+    context = ray.init(
+        num_cpus=6,
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace="rmoe-tests",
+        _node_ip_address="127.0.0.1",  # keep the test cluster on loopback
+    )
     try:
         yield context
     finally:

@@ -48,11 +48,15 @@ def init_ray() -> None:
         return
     # Directories, not module objects: a submitted job's runtime env is deep-copied when merged.
     modules = [str(Path(module.__file__).parent) for module in (rmoe, rmoe_platform)]
-    ray.init(
-        runtime_env={"py_modules": modules},
-        include_dashboard=False if "RAY_ADDRESS" not in os.environ else None,
-        log_to_driver=False,
-    )
+    if "RAY_ADDRESS" in os.environ:  # a submitted job, or a user pointing at a cluster
+        ray.init(runtime_env={"py_modules": modules}, log_to_driver=False)
+    else:  # a local Ray of our own, on loopback
+        ray.init(
+            runtime_env={"py_modules": modules},
+            include_dashboard=False,
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+        )
 
 
 def pipeline_main(argv: list[str], default_config: Path | None = None) -> int:
