@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rmoe_platform import storage
-from rmoe_platform.accounting import Cost, stage_cost, total
+from rmoe_platform.accounting import SECONDS_PER_DAY, Cost, stage_cost, total
 from rmoe_platform.configtools import ConfigError
 from rmoe_platform.experiment import ExperimentConfig
 from rmoe_platform.pipelines import StageNode, plan_pipelines, shared_keys
@@ -83,6 +83,7 @@ class ExperimentRunner:
         self.log = log
         self.stage_runner = stage_runner
         self.git_commit = _git_commit()
+        self._succeeded: dict[str, list[dict[str, Any]]] = {}
 
     def validate(self) -> dict[str, list[StageNode]]:
         """What can fail before any stage runs: the stage graph, storage and results locations."""
@@ -96,6 +97,7 @@ class ExperimentRunner:
 
     def run(self) -> ExperimentReport:
         plans = self.validate()
+        self._succeeded = self._succeeded_stage_rows()
         shared = shared_keys(plans)
         users = {key: sorted(p for p, stages in plans.items() if any(s.key == key for s in stages)) for key in shared}
         outcomes: dict[str, StageOutcome] = {}
@@ -143,15 +145,27 @@ class ExperimentRunner:
         )
         return outcome
 
+    def _succeeded_stage_rows(self) -> dict[str, list[dict[str, Any]]]:
+        """Succeeded stage runs by config hash, newest first (the store is read once per run)."""
+        by_hash: dict[str, list[dict[str, Any]]] = {}
+        for row in self.store.read().table.to_pylist():
+            if row["row_type"] == "stage" and row["status"] == "succeeded" and row["config_hash"]:
+                by_hash.setdefault(row["config_hash"], []).append(row)
+        oldest = dt.datetime.min.replace(tzinfo=dt.UTC)
+        for rows in by_hash.values():
+            rows.sort(key=lambda r: r["finished_at"] or oldest, reverse=True)
+        return by_hash
+
     def _cached(self, node: StageNode) -> StageOutcome | None:
-        rows = [
-            r for r in self.store.rows(row_type="stage", config_hash=node.config_hash) if r["status"] == "succeeded"
-        ]
-        for row in sorted(rows, key=lambda r: r["finished_at"] or dt.datetime.min.replace(tzinfo=dt.UTC), reverse=True):
+        for row in self._succeeded.get(node.config_hash, []):
             uri = row["checkpoint_uri"]
             if uri and storage.exists(f"{uri.rstrip('/')}/model.safetensors"):
-                cost = Cost(row["flops"] or 0.0, row["device_seconds"] or 0.0, 0.0, row["dollars"] or 0.0)
-                cost = replace(cost, gpu_seconds=(row["gpu_days"] or 0.0) * 86_400.0)
+                cost = Cost(
+                    flops=row["flops"] or 0.0,
+                    device_seconds=row["device_seconds"] or 0.0,
+                    gpu_seconds=(row["gpu_days"] or 0.0) * SECONDS_PER_DAY,
+                    dollars=row["dollars"] or 0.0,
+                )
                 return StageOutcome(node, "cached", row["run_id"], cost, row["metric"], uri)
         return None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,6 @@ class StageCost:
 class PreparedStage:
     config: StageConfig
     parent_checkpoint: str | None
-    trainable_params: int
     train_flops_per_sample: float
 
 
@@ -59,7 +58,6 @@ class StageResult:
     metrics: dict[str, Any]
     checkpoint_uri: str | None
     cost: StageCost
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def prepare_stage(config: StageConfig) -> PreparedStage:
@@ -73,7 +71,7 @@ def prepare_stage(config: StageConfig) -> PreparedStage:
         except ValueError as err:
             raise ConfigError(f"stage.model: {err}") from None
     try:
-        count = apply_trainable(model, config.trainable, freeze_core=spec.moe.freeze_core if spec.moe else True)
+        apply_trainable(model, config.trainable, freeze_core=spec.moe.freeze_core if spec.moe else True)
     except ValueError as err:
         raise ConfigError(f"stage.{err}") from None
     ep = config.scaling.expert_parallel_size
@@ -83,7 +81,7 @@ def prepare_stage(config: StageConfig) -> PreparedStage:
                 f"stage.scaling.expert_parallel_size: {ep} does not divide num_experts ({layer.num_experts}) of {name}"
             )
     breakdown = rmoe_cost.flops_per_image(model)
-    return PreparedStage(config, parent_uri, count, breakdown.forward + breakdown.backward)
+    return PreparedStage(config, parent_uri, breakdown.forward + breakdown.backward)
 
 
 def run_stage(config: StageConfig, *, run_name: str | None = None, resume_from: str | None = None) -> StageResult:
@@ -129,12 +127,7 @@ def run_stage(config: StageConfig, *, run_name: str | None = None, resume_from: 
         samples=samples,
     )
     checkpoint_uri = _checkpoint_uri(config.storage, result.checkpoint.path) if result.checkpoint else None
-    history = (
-        [dict(row) for row in result.metrics_dataframe.to_dict("records")]
-        if result.metrics_dataframe is not None
-        else []
-    )
-    return StageResult(config.name, run_name, metrics, checkpoint_uri, cost, history)
+    return StageResult(config.name, run_name, metrics, checkpoint_uri, cost)
 
 
 def _fetch_parent_spec(uri: str, tmp: Path) -> Path:

@@ -32,7 +32,7 @@ def group_members(model: nn.Module, group: str) -> set[str]:
     if group == "moe":
         return in_moe
     if group == "head":
-        head = getattr(model, "default_cfg", {}).get("classifier", "head") if hasattr(model, "default_cfg") else "head"
+        head = getattr(model, "default_cfg", {}).get("classifier", "head")  # timm: "head" (ViT), "head.fc" (Swin)
         return {n for n in names if n.startswith(f"{head}.")}
     if group == "non_moe":
         return set(names) - in_moe

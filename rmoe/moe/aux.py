@@ -8,7 +8,7 @@ Shape suffixes: T tokens, E experts, K top-k slots.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -63,7 +63,6 @@ class MoEAux:
     tokens_per_expert: torch.Tensor
     dropped_fraction: torch.Tensor
     router_entropy: torch.Tensor
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _identity(stats: torch.Tensor) -> torch.Tensor:
