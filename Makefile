@@ -31,6 +31,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py
+	$(PY) benchmarks/expert_parallel.py
+	$(PY) benchmarks/data_ingest.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

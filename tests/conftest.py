@@ -1,11 +1,14 @@
-"""Shared fixtures: deterministic seeds and the repo root."""
+"""Shared fixtures: deterministic seeds, the repo root, a local Ray, and a real S3 endpoint (moto)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+from rmoe_platform.local_s3 import LocalS3, S3Endpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,3 +39,10 @@ def ray_local():
         yield context
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Endpoint]:
+    """`moto_server` on a free loopback port with IAM auth on; stopped by the handle that started it."""
+    with LocalS3() as endpoint:
+        yield endpoint

@@ -112,6 +112,8 @@ def test_job_submission_runs_the_smoke_preset_into_the_store(ray_head, tmp_path:
             "dense",
             "--set",
             f"storage={tmp_path / 'ckpt'}",
+            "--set",
+            f"data.uri={tmp_path / 'data'}",
             "--results",
             str(results),
         ],

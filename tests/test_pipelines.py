@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
 def smoke(tmp_path: Path, *overrides: str) -> ExperimentConfig:
-    base = [f"storage={tmp_path / 'ckpt'}", f"results={tmp_path / 'results'}"]
+    base = [f"storage={tmp_path / 'ckpt'}", f"results={tmp_path / 'results'}", f"data.uri={tmp_path / 'data'}"]
     return ExperimentConfig.load(SMOKE, [*base, *overrides])
 
 
@@ -48,7 +49,8 @@ def test_hashes_change_only_downstream_of_a_change(tmp_path: Path) -> None:
     }
     changed = {key for key in before if before[key] != after[key]}
     assert changed == {"rmoe_i/residual", "rmoe_i/downstream", "upcycle/intermediate", "upcycle/downstream"}
-    moved = {s.key: s.config_hash for stages in plan_pipelines(smoke(tmp_path / "elsewhere")).values() for s in stages}
+    elsewhere = smoke(tmp_path / "elsewhere", f"data.uri={tmp_path / 'data'}")
+    moved = {s.key: s.config_hash for stages in plan_pipelines(elsewhere).values() for s in stages}
     assert moved == before, "where checkpoints are written is not part of a stage's identity"
 
 
@@ -136,12 +138,12 @@ def test_rerun_reuses_every_stage_and_a_budget_change_reruns_only_its_descendant
 
 
 # ---- the command line ----------------------------------------------------------------------------
-def run_job(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_job(*args: str, env: dict[str, str] | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "pipeline.py"), *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         env=env,
     )
 
@@ -155,18 +157,28 @@ def run_job(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         (SMOKE.read_text(), ["--set", "moe.top_k=9"], "top_k"),
         (SMOKE.read_text(), ["--pipelines", "dense,bogus"], "unknown pipeline 'bogus'"),
         (SMOKE.read_text(), ["--set", "noequals"], "expected key=value"),
+        (SMOKE.read_text(), ["--set", "upstream.data.generate.num_classes=99"], "num_classes"),
+        (SMOKE.read_text(), ["--set", "downstream.data={uri: /nonexistent/ds}"], "experiment.downstream.data.uri"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, content: str, args: list[str], message: str) -> None:
     config = tmp_path / "exp.yaml"
     config.write_text(content)
     out = run_job(
-        "--config", str(config), "--set", f"storage={tmp_path / 'ckpt'}", "--results", str(tmp_path / "res"), *args
+        "--config",
+        str(config),
+        "--set",
+        f"storage={tmp_path / 'ckpt'}",
+        "--set",
+        f"data.uri={tmp_path / 'data'}",
+        "--results",
+        str(tmp_path / "res"),
+        *args,
     )
     assert out.returncode == 2, out.stderr
     assert message in out.stderr
     assert "Traceback" not in out.stderr
-    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "res").exists()
+    assert not any((tmp_path / name).exists() for name in ("ckpt", "res", "data"))
 
 
 def test_unwritable_results_uri_exits_2(tmp_path: Path) -> None:
@@ -182,3 +194,82 @@ def test_unwritable_results_uri_exits_2(tmp_path: Path) -> None:
 def test_help_describes_the_job() -> None:
     out = run_job("--help")
     assert out.returncode == 0 and "--pipelines" in out.stdout and "--results" in out.stdout
+
+
+# ---- data and checkpoints on S3 --------------------------------------------------------------------
+def prepare(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "prepare_data.py"), *args, "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+@pytest.mark.slow
+def test_main_job_reads_data_from_s3_and_writes_checkpoints_there(s3_server, tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, **s3_server.env()}
+    bucket = s3_server.bucket()
+    data = f"s3://{bucket}/datasets"
+    # the smoke preset's datasets, written to S3 beforehand (the job would generate them otherwise)
+    up = prepare(
+        "generate",
+        "--num-train",
+        "128",
+        "--num-val",
+        "32",
+        "--num-classes",
+        "4",
+        "--shard-rows",
+        "64",
+        "--out",
+        f"{data}/smoke-up",
+        env=env,
+    )
+    down = prepare(
+        "generate",
+        "--num-train",
+        "64",
+        "--num-val",
+        "32",
+        "--num-classes",
+        "3",
+        "--class-offset",
+        "4",
+        "--seed",
+        "7",
+        "--out",
+        f"{data}/smoke-down",
+        env=env,
+    )
+    assert up.returncode == 0 and down.returncode == 0, up.stderr + down.stderr
+    out = run_job(
+        "--config",
+        str(SMOKE),
+        "--pipelines",
+        "dense",
+        "--set",
+        f"data.uri={data}",
+        "--set",
+        f"storage=s3://{bucket}/checkpoints",
+        "--results",
+        f"s3://{bucket}/results",
+        env=env,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    store = ResultsStore(f"s3://{bucket}/results", s3=s3_server.access())
+    stages = store.rows(row_type="stage")
+    assert sorted(row["stage"] for row in stages) == ["dense/downstream", "upstream_dense"]
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]]
+    for row in stages:
+        assert row["status"] == "succeeded" and row["checkpoint_uri"].startswith(f"s3://{bucket}/checkpoints/")
+        prefix = row["checkpoint_uri"].removeprefix(f"s3://{bucket}/")
+        assert f"{prefix}/model.safetensors" in keys
+        assert json.loads(row["config"])["data"]["uri"].startswith(data)
+    secret = s3_server.secret_access_key
+    assert secret not in out.stdout + out.stderr
+    assert all(secret not in json.dumps(row, default=str) for row in store.read().table.to_pylist())

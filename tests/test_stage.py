@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
@@ -15,7 +18,9 @@ import rmoe
 from rmoe_platform.checkpointing import MODEL_FILE
 from rmoe_platform.config import StageConfig
 from rmoe_platform.configtools import ConfigError
-from rmoe_platform.data import build_datasets
+from rmoe_platform.datasets import read_card
+from rmoe_platform.datasets.codec import decode_image
+from rmoe_platform.datasets.transforms import normalize
 from rmoe_platform.stage import prepare_stage, run_stage
 
 
@@ -29,7 +34,10 @@ def stage_config(tmp_path: Path, **overrides: Any) -> StageConfig:
         "log_every": 2,
         "scaling": {"num_workers": 2, "expert_parallel_size": 2},
         "checkpoint": {"every_n_steps": 2, "keep": 3},
-        "data": {"num_train": 128, "num_val": 32},
+        "data": {
+            "uri": str(tmp_path / "data" / "shapes"),
+            "generate": {"num_train": 128, "num_val": 32, "num_classes": 10, "shard_rows": 32},
+        },
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -40,10 +48,13 @@ def stage_config(tmp_path: Path, **overrides: Any) -> StageConfig:
 
 
 def single_device_val_loss(checkpoint_dir: str, config: StageConfig) -> float:
+    """The val loss computed without Ray: shards read with pyarrow, decoded and normalised by hand."""
     model = rmoe.load_model(Path(checkpoint_dir) / MODEL_FILE).eval()
-    rows = build_datasets(config.data)["val"].take_all()
-    images = torch.tensor([row["image"] for row in rows])
-    labels = torch.tensor([row["label"] for row in rows])
+    card = read_card(config.data.uri)
+    mean, std = np.asarray(card.stats.mean, np.float32), np.asarray(card.stats.std, np.float32)
+    table = pa.concat_tables(pq.read_table(Path(config.data.uri) / s.path) for s in card.splits["val"].shards)
+    images = torch.tensor(np.stack([normalize(decode_image(b), mean, std) for b in table.column("image").to_pylist()]))
+    labels = torch.tensor(table.column("label").to_pylist())
     with torch.no_grad():
         return float(torch.nn.functional.cross_entropy(model(images), labels))
 
@@ -122,12 +133,18 @@ def test_residual_only_stage_leaves_core_and_dense_weights_bitwise(ray_local, tm
         ({"model": {"parent_checkpoint": "/nonexistent/parent"}}, "stage.model.parent_checkpoint"),
         ({"budget": {"steps": 0}}, "stage.budget"),
         ({"batch_size": 15}, "batch_size"),
+        ({"batch_size": 256, "scaling": {"num_workers": 1, "expert_parallel_size": 1}}, "stage.batch_size"),
+        ({"model": {"num_classes": 7}}, "stage.model.num_classes"),
+        ({"data": {"img_size": 64}}, "stage.data.img_size"),
+        ({"data": {"uri": "/nonexistent/dataset", "generate": None}}, "stage.data.uri"),
+        ({"data": {"generate": {"task": "detection"}}}, "stage.data.uri"),
     ],
 )
 def test_invalid_stage_configs_fail_before_any_worker(tmp_path: Path, overrides: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         run_stage(stage_config(tmp_path, **overrides))
     assert not (tmp_path / "runs").exists(), "nothing may be written for an invalid stage"
+    assert not (tmp_path / "data").exists(), "nor any dataset generated"
 
 
 def test_unwritable_storage_fails_before_any_worker(tmp_path: Path) -> None:
@@ -151,10 +168,27 @@ def test_read_only_storage_fails_before_any_worker(tmp_path: Path) -> None:
 def test_unreachable_s3_storage_fails_fast(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    uri = "s3://no-bucket/runs?endpoint_override=http://127.0.0.1:9&scheme=http&connect_timeout=1"
-    with pytest.raises(ConfigError, match=r"stage\.storage"):
-        prepare_stage(stage_config(tmp_path, storage=uri))
+    s3 = {"endpoint_url": "http://127.0.0.1:9", "connect_timeout": 1, "max_attempts": 2}
+    with pytest.raises(ConfigError, match=r"stage\.storage: cannot reach the S3 endpoint .*after 2 attempt"):
+        prepare_stage(stage_config(tmp_path, storage="s3://no-bucket/runs", s3=s3))
+
+
+@pytest.mark.slow
+def test_a_stage_fails_once_corrupt_images_pass_the_allowed_fraction(ray_local, tmp_path: Path) -> None:
+    config = stage_config(
+        tmp_path, scaling={"num_workers": 1, "expert_parallel_size": 1}, data={"max_bad_fraction": 0.0}
+    )
+    prepare_stage(config)  # generates the dataset
+    shard = Path(config.data.uri) / "train" / "part-00002-of-00004.parquet"
+    table = pq.read_table(shard)
+    images = table.column("image").to_pylist()
+    images[5] = b"garbage"
+    pq.write_table(
+        table.set_column(0, "image", pa.array(images, pa.binary())).replace_schema_metadata(table.schema.metadata),
+        shard,
+    )
+    with pytest.raises(Exception, match=r"part-00002-of-00004\.parquet' row 5 \(id 69\)"):
+        run_stage(config)
 
 
 def test_stage_config_round_trips_through_yaml(tmp_path: Path) -> None:

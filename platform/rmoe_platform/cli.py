@@ -65,8 +65,10 @@ def pipeline_main(argv: list[str], default_config: Path | None = None) -> int:
         exp = load_experiment(args)
         from rmoe_platform.results import ResultsStore
         from rmoe_platform.runner import ExperimentRunner, format_report
+        from rmoe_platform.s3 import S3Access
 
-        runner = ExperimentRunner(exp, ResultsStore(exp.results))
+        access = S3Access.resolve(exp.s3)
+        runner = ExperimentRunner(exp, ResultsStore(exp.results, s3=access), s3=access)
         runner.validate()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

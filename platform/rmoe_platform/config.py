@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import timm
 
 import rmoe  # noqa: F401  (registers the rmoe_* timm models)
 from rmoe import ModelSpec, MoEConfig
 from rmoe_platform.configtools import ConfigError, check, from_dict, load_yaml
+from rmoe_platform.datasets.scenes import SceneRecipe
+from rmoe_platform.datasets.transforms import AugmentSpec
+from rmoe_platform.s3 import S3Options
 
 TRAINABLE_GROUPS = ("all", "residual", "router", "experts", "core", "moe", "head", "non_moe")
 
@@ -120,20 +123,26 @@ class CheckpointSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Generated in-memory classification data (gratings), served to workers through Ray Data."""
+    """A dataset in the shard format at `uri` (a local folder or s3://bucket/prefix).
 
-    source: Literal["gratings"] = "gratings"
-    num_train: int = 2048
-    num_val: int = 512
-    num_classes: int = 10
-    img_size: int = 32
-    noise: float = 0.35
-    seed: int = 0
+    With `generate`, a procedural dataset is written there first if none exists (and an existing one
+    must come from the same recipe). `img_size` is the model input side (default: the model's own);
+    `shuffle_buffer` is in rows per worker (default: 8 local batches); undecodable rows are skipped
+    and counted until they pass `max_bad_fraction` of a split, which fails the run.
+    """
+
+    uri: str = ""
+    generate: SceneRecipe | None = None
+    img_size: int | None = None
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    max_bad_fraction: float = 0.001
+    shuffle_buffer: int | None = None
 
     def __post_init__(self) -> None:
-        check(self.source == "gratings", f"source must be 'gratings', got {self.source!r}")
-        check(self.num_train >= 1 and self.num_val >= 1, "num_train and num_val must be >= 1")
-        check(self.num_classes >= 2, f"num_classes must be >= 2, got {self.num_classes}")
+        check(bool(self.uri), "uri is required: a dataset folder or s3://bucket/prefix")
+        check(self.img_size is None or self.img_size >= 8, f"img_size must be >= 8, got {self.img_size}")
+        check(0 <= self.max_bad_fraction < 1, f"max_bad_fraction must be in [0, 1), got {self.max_bad_fraction}")
+        check(self.shuffle_buffer is None or self.shuffle_buffer >= 0, "shuffle_buffer must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,7 @@ class StageConfig:
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     storage: str = "./runs"
     data: DataSpec = field(default_factory=DataSpec)
+    s3: S3Options = field(default_factory=S3Options)
     seed: int = 0
     log_every: int = 10
     max_failures: int = 0
@@ -175,7 +185,6 @@ class StageConfig:
             self.batch_size % self.scaling.num_workers == 0,
             f"batch_size ({self.batch_size}) must be divisible by scaling.num_workers ({self.scaling.num_workers})",
         )
-        check(self.batch_size <= self.data.num_train, "batch_size must not exceed data.num_train")
         check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
         check(bool(self.storage), "storage must be a local path or s3://bucket/prefix")
 
@@ -183,16 +192,15 @@ class StageConfig:
     def local_batch_size(self) -> int:
         return self.batch_size // self.scaling.num_workers
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.data.num_train // self.batch_size
+    def steps_per_epoch(self, num_train: int) -> int:
+        """Optimizer steps in one pass over `num_train` rows (the dataset's train split)."""
+        return num_train // self.batch_size
 
-    @property
-    def total_steps(self) -> int:
+    def total_steps(self, num_train: int) -> int:
         if self.budget.steps is not None:
             return self.budget.steps
         assert self.budget.epochs is not None
-        return self.budget.epochs * self.steps_per_epoch
+        return self.budget.epochs * self.steps_per_epoch(num_train)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,25 +1,141 @@
-"""Stage datasets as Ray Data datasets (generated in memory until the Parquet/S3 ingest lands)."""
+"""A stage's data on the driver: make sure the dataset exists (generating it from its recipe if asked),
+validate it, and build the streaming Ray Datasets the Train workers read; plus the worker-side helper
+that moves a batch to the device."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import ray
 import ray.data
 import torch
 
-from rmoe.synthetic import make_gratings
+from rmoe_platform import storage
 from rmoe_platform.config import DataSpec
+from rmoe_platform.configtools import ConfigError
+from rmoe_platform.datasets.format import FormatError, dataset_name
+from rmoe_platform.datasets.ingest import (
+    CorruptDataError,
+    DecodeSpec,
+    OpenDataset,
+    create_ledger,
+    open_dataset,
+    read_split,
+)
+from rmoe_platform.datasets.writer import read_card, write_dataset
+from rmoe_platform.s3 import S3Access, explain_error
 
 
-def _rows(images: torch.Tensor, labels: torch.Tensor) -> list[dict]:
-    return [{"image": img.numpy(), "label": int(label)} for img, label in zip(images, labels, strict=True)]
+@dataclass(frozen=True)
+class DatasetShape:
+    """What a stage needs to know of its dataset before it exists: task, class count, train rows."""
+
+    task: str
+    num_classes: int
+    num_train: int
 
 
-def build_datasets(spec: DataSpec) -> dict[str, ray.data.Dataset]:
-    """Train and validation splits from different seeds of the same generator."""
-    common = dict(num_classes=spec.num_classes, img_size=spec.img_size, noise=spec.noise)
-    train = make_gratings(spec.num_train, seed=spec.seed, **common)
-    val = make_gratings(spec.num_val, seed=spec.seed + 1_000_003, **common)
-    return {"train": ray.data.from_items(_rows(*train)), "val": ray.data.from_items(_rows(*val))}
+def check_dataset(spec: DataSpec, access: S3Access | None, field: str = "data") -> DatasetShape:
+    """Without writing anything: the dataset is there and valid, or can be generated at its uri."""
+    card = _read_card(spec, access, field)
+    if card is None and spec.generate is not None:
+        storage.check_writable(spec.uri, f"{field}.uri", access)
+        recipe = spec.generate
+        return DatasetShape(recipe.task, len(recipe.classes), recipe.num_train)
+    _check_recipe(spec, card, field)
+    card = open_dataset(spec.uri, access, f"{field}.uri").card
+    return DatasetShape(card.task, card.num_classes, card.split("train").num_rows)
 
 
-def to_tensors(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return batch["image"].to(device, torch.float32), batch["label"].to(device, torch.long)
+def ensure_dataset(spec: DataSpec, access: S3Access | None, field: str = "data", progress: bool = True) -> OpenDataset:
+    """Open the dataset, generating it first when it is absent and `spec.generate` is set."""
+    card = _read_card(spec, access, field)
+    if card is None and spec.generate is not None:
+        recipe = spec.generate
+        storage.check_writable(spec.uri, f"{field}.uri", access)
+        try:
+            write_dataset(spec.uri, recipe.plan(dataset_name(spec.uri)), recipe.rows, s3=access, progress=progress)
+        except FormatError as err:
+            raise ConfigError(f"{field}.uri: {err}") from None
+    else:
+        _check_recipe(spec, card, field)
+    return open_dataset(spec.uri, access, f"{field}.uri")
+
+
+def _read_card(spec: DataSpec, access: S3Access | None, field: str):
+    uri = storage.normalize(spec.uri)
+    if storage.is_remote(uri):
+        storage.check_bucket(uri, f"{field}.uri", access)
+    try:
+        return read_card(uri, access)
+    except FormatError as err:
+        raise ConfigError(f"{field}.uri: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"{field}.uri: {explain_error(err, uri, access or S3Access())}") from None
+
+
+def _check_recipe(spec: DataSpec, card: Any, field: str) -> None:
+    if card is None or spec.generate is None:
+        return
+    recipe = card.source.get("recipe")
+    wanted = dataclasses.asdict(spec.generate)
+    if recipe != wanted:
+        differs = sorted(k for k in wanted if (recipe or {}).get(k) != wanted[k])
+        raise ConfigError(
+            f"{field}.generate: the dataset at {spec.uri!r} was made from another recipe (differs in: "
+            f"{', '.join(differs) or 'source'}); use another data.uri or remove that dataset"
+        )
+
+
+@dataclass
+class StageData:
+    """The Ray Datasets of a stage and the ledger that counts their undecodable rows."""
+
+    datasets: dict[str, ray.data.Dataset]
+    ledger: Any
+
+    def skipped_rows(self) -> dict[str, int]:
+        return ray.get(self.ledger.counts.remote())
+
+    def failure(self) -> CorruptDataError | None:
+        """Why the data failed the run, if it did (too many undecodable rows)."""
+        message = ray.get(self.ledger.failure.remote())
+        return None if message is None else CorruptDataError(message)
+
+    def close(self) -> None:
+        ray.kill(self.ledger)
+
+
+def stage_data(opened: OpenDataset, spec: DataSpec, img_size: int, seed: int) -> StageData:
+    """Train (block order seeded) and validation (in order) splits of a classification dataset."""
+    ledger = create_ledger(opened, spec.max_bad_fraction)
+
+    def decode(mode: str) -> DecodeSpec:
+        return DecodeSpec("classification", mode, img_size, spec.augment, spec.max_bad_fraction)
+
+    return StageData(
+        {
+            "train": read_split(opened, "train", decode("train"), ledger, seed=seed),
+            "val": read_split(opened, "val", decode("eval"), ledger),
+        },
+        ledger,
+    )
+
+
+class Normalizer:
+    """uint8 NCHW batches → float32 normalised with the dataset's mean/std, on the training device."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
+        self.scale = (1.0 / (255.0 * torch.tensor(std, device=device))).view(1, -1, 1, 1)
+        self.shift = (torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, -1, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.scale.device, torch.float32, non_blocking=True) * self.scale - self.shift
+
+
+def to_tensors(
+    batch: dict[str, torch.Tensor], normalize: Normalizer, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return normalize(batch["image"]), batch["label"].to(device, torch.long)

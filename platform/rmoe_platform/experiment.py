@@ -12,6 +12,7 @@ import yaml
 from rmoe import MoEConfig
 from rmoe_platform.config import BudgetConfig, DataSpec, OptimConfig, ScalingSpec
 from rmoe_platform.configtools import ConfigError, check, from_dict, load_yaml
+from rmoe_platform.s3 import S3Options
 
 PIPELINES = ("dense", "moe", "rmoe_i", "rmoe_d", "upcycle")
 
@@ -23,6 +24,19 @@ class PhaseConfig:
     budget: BudgetConfig
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataSpec | None = None
+
+
+@dataclass(frozen=True)
+class DataRoot:
+    """Where the experiment's datasets live: a phase's `data.uri` that is a bare name (no '/', no
+    scheme) is a dataset under this root, so `--set data.uri=s3://bucket/datasets` moves them all."""
+
+    uri: str = "./runs/data"
+
+    def resolve(self, spec: DataSpec) -> DataSpec:
+        if "/" in spec.uri or "://" in spec.uri or spec.uri.startswith("~"):
+            return spec
+        return dataclasses.replace(spec, uri=f"{self.uri.rstrip('/')}/{spec.uri}")
 
 
 @dataclass(frozen=True)
@@ -66,8 +80,10 @@ class ExperimentConfig:
     batch_size: int = 64
     scaling: ScalingSpec = field(default_factory=ScalingSpec)
     moe_scaling: ScalingSpec | None = None
+    data: DataRoot = field(default_factory=DataRoot)
     storage: str = "./runs"
     results: str = "./runs/results"
+    s3: S3Options = field(default_factory=S3Options)
     prices: dict[str, float] = field(default_factory=lambda: {"cpu": 0.05, "gpu": 2.5})
     seed: int = 0
 
@@ -86,6 +102,15 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def datasets(self) -> dict[str, DataSpec]:
+        """The phases' datasets, their uris resolved against `data.uri`, keyed by config field."""
+        out = {}
+        for phase in ("upstream", "intermediate", "downstream"):
+            spec = getattr(self, phase).data
+            if spec is not None:
+                out[f"experiment.{phase}.data"] = self.data.resolve(spec)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:

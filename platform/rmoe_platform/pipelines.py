@@ -21,7 +21,7 @@ from rmoe_platform.configtools import ConfigError
 from rmoe_platform.experiment import ExperimentConfig, PhaseConfig
 
 # Fields that do not change what a stage computes (where it writes, how it logs, test hooks).
-_HASH_EXCLUDED = {"name", "storage", "log_every", "max_failures", "fault_injection", "checkpoint"}
+_HASH_EXCLUDED = {"name", "storage", "s3", "log_every", "max_failures", "fault_injection", "checkpoint"}
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,7 @@ def _stage(
     data = data or phase.data
     if data is None:
         raise ConfigError(f"experiment: stage {name} has no data")
+    data = exp.data.resolve(data)
     is_moe = moe is not None if moe_model is None else moe_model
     scaling = exp.moe_scaling if (is_moe and exp.moe_scaling is not None) else exp.scaling
     layers = exp.moe.layers
@@ -146,7 +147,6 @@ def _stage(
             kwargs=dict(exp.model_kwargs),
             moe=moe,
             moe_layers=layers if isinstance(layers, str) else list(layers),
-            num_classes=data.num_classes,
         ),
         trainable=trainable,
         optim=phase.optim,
@@ -155,5 +155,6 @@ def _stage(
         scaling=scaling,
         storage=f"{exp.storage.rstrip('/')}/{exp.name}",
         data=data,
+        s3=exp.s3,
         seed=exp.seed,
     )

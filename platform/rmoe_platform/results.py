@@ -21,6 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rmoe_platform import storage
+from rmoe_platform.s3 import S3Access
 
 SCHEMA_VERSION = 1
 
@@ -82,12 +83,13 @@ class ReadResult:
 class ResultsStore:
     """Append rows to, and read rows from, the Parquet dataset at `uri`."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, s3: S3Access | None = None) -> None:
         self.uri = storage.normalize(uri)
-        self.fs, self.root = storage.filesystem(self.uri, field="results")
+        self.access = s3
+        self.fs, self.root = storage.filesystem(self.uri, field="results", s3=s3)
 
     def check_writable(self) -> None:
-        storage.check_writable(self.uri, field="results")
+        storage.check_writable(self.uri, field="results", s3=self.access)
 
     def append(self, rows: Iterable[Mapping[str, Any]]) -> str:
         """Write `rows` as one new Parquet object; returns its path. Unknown columns are an error."""

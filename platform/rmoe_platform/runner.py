@@ -16,9 +16,12 @@ from typing import Any
 from rmoe_platform import storage
 from rmoe_platform.accounting import SECONDS_PER_DAY, Cost, stage_cost, total
 from rmoe_platform.configtools import ConfigError
+from rmoe_platform.data import check_dataset, ensure_dataset
+from rmoe_platform.datasets.format import DatasetCard
 from rmoe_platform.experiment import ExperimentConfig
 from rmoe_platform.pipelines import StageNode, plan_pipelines, shared_keys
 from rmoe_platform.results import ResultsStore
+from rmoe_platform.s3 import S3Access
 from rmoe_platform.stage import StageResult, run_stage
 
 METRIC = "accuracy"
@@ -76,9 +79,11 @@ class ExperimentRunner:
         store: ResultsStore,
         *,
         log: Callable[[str], None] = print,
-        stage_runner: Callable[[Any], StageResult] = run_stage,
+        stage_runner: Callable[..., StageResult] = run_stage,
+        s3: S3Access | None = None,
     ) -> None:
         self.exp = exp
+        self.access = s3 or S3Access.resolve(exp.s3)
         self.store = store
         self.log = log
         self.stage_runner = stage_runner
@@ -86,17 +91,23 @@ class ExperimentRunner:
         self._succeeded: dict[str, list[dict[str, Any]]] = {}
 
     def validate(self) -> dict[str, list[StageNode]]:
-        """What can fail before any stage runs: the stage graph, storage and results locations."""
+        """What can fail before any stage runs (nothing is written): the stage graph, storage and results
+        locations, and each dataset (present and valid, or generatable where it should be)."""
         try:
             plans = plan_pipelines(self.exp)
         except ValueError as err:
             raise ConfigError(str(err) if isinstance(err, ConfigError) else f"experiment: {err}") from None
-        storage.check_writable(self.exp.storage, field="experiment.storage")
+        storage.check_writable(self.exp.storage, field="experiment.storage", s3=self.access)
         self.store.check_writable()
+        for field_path, spec in self.exp.datasets().items():
+            check_dataset(spec, self.access, field_path)
         return plans
 
     def run(self) -> ExperimentReport:
         plans = self.validate()
+        for field_path, spec in self.exp.datasets().items():
+            opened = ensure_dataset(spec, self.access, field_path)
+            self.log(f"dataset {opened.card.name}: {opened.uri} ({_split_sizes(opened.card)})")
         self._succeeded = self._succeeded_stage_rows()
         shared = shared_keys(plans)
         users = {key: sorted(p for p, stages in plans.items() if any(s.key == key for s in stages)) for key in shared}
@@ -126,7 +137,7 @@ class ExperimentRunner:
         self.log(f"[{node.key}] running on {config.scaling.num_workers} worker(s) …")
         started = _now()
         try:
-            result = self.stage_runner(config, run_name=run_id)
+            result = self.stage_runner(config, run_name=run_id, s3=self.access)
         except ConfigError:
             raise
         except Exception as err:  # a failed stage is recorded; the others go on
@@ -159,7 +170,7 @@ class ExperimentRunner:
     def _cached(self, node: StageNode) -> StageOutcome | None:
         for row in self._succeeded.get(node.config_hash, []):
             uri = row["checkpoint_uri"]
-            if uri and storage.exists(f"{uri.rstrip('/')}/model.safetensors"):
+            if uri and storage.exists(f"{uri.rstrip('/')}/model.safetensors", self.access):
                 cost = Cost(
                     flops=row["flops"] or 0.0,
                     device_seconds=row["device_seconds"] or 0.0,
@@ -208,7 +219,7 @@ class ExperimentRunner:
             "top_k": moe.get("top_k"),
             "moe_layers": json.dumps(config.model.moe_layers) if moe else None,
             "residual_rank": moe.get("residual_rank"),
-            "budget_steps": config.total_steps,
+            "budget_steps": result.total_steps if result else config.budget.steps,
             "budget_epochs": config.budget.epochs,
             "metric_name": METRIC,
             "metric": outcome.metric,
@@ -292,6 +303,10 @@ def format_report(report: ExperimentReport) -> str:
             f"{delta:>12}{time_ratio:>12}{flops_ratio:>13}  {'ok' if summary.ok else 'FAILED'}"
         )
     return "\n".join(lines)
+
+
+def _split_sizes(card: DatasetCard) -> str:
+    return ", ".join(f"{split} {info.num_rows}" for split, info in card.splits.items())
 
 
 def _delta(value: float | None, reference: float | None) -> str:

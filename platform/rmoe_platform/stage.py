@@ -9,12 +9,15 @@ from __future__ import annotations
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+import timm.data
+from ray.data import DataContext, ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from torch import nn
 
 from rmoe import cost as rmoe_cost
 from rmoe.upcycle import moe_layers
@@ -22,7 +25,9 @@ from rmoe_platform import storage
 from rmoe_platform.checkpointing import STATE_FILE
 from rmoe_platform.config import StageConfig
 from rmoe_platform.configtools import ConfigError
-from rmoe_platform.data import build_datasets
+from rmoe_platform.data import check_dataset, ensure_dataset, stage_data
+from rmoe_platform.datasets.ingest import OpenDataset
+from rmoe_platform.s3 import S3Access
 from rmoe_platform.stage_model import build_stage_model
 from rmoe_platform.train_loop import train_stage_worker
 from rmoe_platform.trainable import apply_trainable
@@ -46,9 +51,21 @@ class StageCost:
 
 @dataclass(frozen=True)
 class PreparedStage:
+    """A validated stage: its config with the dataset-dependent fields resolved, and what it needs."""
+
     config: StageConfig
     parent_checkpoint: str | None
     train_flops_per_sample: float
+    dataset: OpenDataset
+    access: S3Access
+
+    @property
+    def num_train(self) -> int:
+        return self.dataset.card.split("train").num_rows
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.total_steps(self.num_train)
 
 
 @dataclass(frozen=True)
@@ -58,18 +75,35 @@ class StageResult:
     metrics: dict[str, Any]
     checkpoint_uri: str | None
     cost: StageCost
+    total_steps: int
 
 
-def prepare_stage(config: StageConfig) -> PreparedStage:
-    """Validate what needs the model or the outside world; raises ConfigError naming the field."""
-    storage.check_writable(config.storage, field="stage.storage")
+def prepare_stage(config: StageConfig, access: S3Access | None = None) -> PreparedStage:
+    """Validate what needs the model, the data or the outside world; raises ConfigError naming the field.
+
+    The dataset is generated here when it is absent and `data.generate` is set. The returned config has
+    `model.num_classes` (from the dataset's classes) and `data.img_size` (the model's input) filled in.
+    """
+    access = access or S3Access.resolve(config.s3)
+    storage.check_writable(config.storage, field="stage.storage", s3=access)
+    shape = check_dataset(config.data, access, field="stage.data")
+    if shape.task != "classification":
+        raise ConfigError(
+            f"stage.data.uri: training stages take classification data; {config.data.uri!r} is {shape.task}"
+        )
+    config = _resolve_classes(config, shape.num_classes)
+    if config.batch_size > shape.num_train:
+        raise ConfigError(
+            f"stage.batch_size: {config.batch_size} exceeds the {shape.num_train} train rows of {config.data.uri!r}"
+        )
     parent_uri = config.model.parent_checkpoint
     with tempfile.TemporaryDirectory() as tmp:
-        parent = _fetch_parent_spec(parent_uri, Path(tmp)) if parent_uri else None
+        parent = _fetch_parent_spec(parent_uri, Path(tmp), access) if parent_uri else None
         try:
             model, spec = build_stage_model(config, parent=parent, load=False)
         except ValueError as err:
             raise ConfigError(f"stage.model: {err}") from None
+    config = _resolve_img_size(config, model)
     try:
         apply_trainable(model, config.trainable, freeze_core=spec.moe.freeze_core if spec.moe else True)
     except ValueError as err:
@@ -81,42 +115,83 @@ def prepare_stage(config: StageConfig) -> PreparedStage:
                 f"stage.scaling.expert_parallel_size: {ep} does not divide num_experts ({layer.num_experts}) of {name}"
             )
     breakdown = rmoe_cost.flops_per_image(model)
-    return PreparedStage(config, parent_uri, breakdown.forward + breakdown.backward)
+    dataset = ensure_dataset(config.data, access, field="stage.data")  # written only once all else is valid
+    return PreparedStage(config, parent_uri, breakdown.forward + breakdown.backward, dataset, access)
 
 
-def run_stage(config: StageConfig, *, run_name: str | None = None, resume_from: str | None = None) -> StageResult:
+def _resolve_classes(config: StageConfig, dataset_classes: int) -> StageConfig:
+    wanted = config.model.num_classes
+    if wanted is not None and wanted != dataset_classes:
+        raise ConfigError(
+            f"stage.model.num_classes: {wanted} differs from the {dataset_classes} classes of {config.data.uri!r}"
+        )
+    return replace(config, model=replace(config.model, num_classes=dataset_classes))
+
+
+def _resolve_img_size(config: StageConfig, model: nn.Module) -> StageConfig:
+    native = timm.data.resolve_model_data_config(model)["input_size"][-1]
+    size = config.data.img_size or native
+    strict = getattr(getattr(model, "patch_embed", None), "strict_img_size", False)
+    if strict and size != native:
+        raise ConfigError(
+            f"stage.data.img_size: {size} differs from the {native}px input of {config.model.arch} "
+            "(set model.kwargs.img_size to match)"
+        )
+    return replace(config, data=replace(config.data, img_size=size))
+
+
+def run_stage(
+    config: StageConfig,
+    *,
+    run_name: str | None = None,
+    resume_from: str | None = None,
+    s3: S3Access | None = None,
+) -> StageResult:
     """Train the stage on `config.scaling.num_workers` Ray workers; returns once it finished.
 
-    `resume_from` continues from a checkpoint of this stage, whatever worker count wrote it.
+    `resume_from` continues from a checkpoint of this stage, whatever worker count wrote it. `s3` is the
+    driver's resolved S3 access (default: from `config.s3` and this process's environment).
     """
-    prepared = prepare_stage(config)
-    if resume_from is not None and not storage.exists(f"{resume_from.rstrip('/')}/{STATE_FILE}"):
+    prepared = prepare_stage(config, s3)
+    config, access = prepared.config, prepared.access
+    if resume_from is not None and not storage.exists(f"{resume_from.rstrip('/')}/{STATE_FILE}", access):
         raise ConfigError(f"resume_from: no training checkpoint at {resume_from!r}")
     run_name = run_name or f"{config.name}-{uuid.uuid4().hex[:8]}"
-    trainer = TorchTrainer(
-        train_stage_worker,
-        train_loop_config={
-            "config": config.to_dict(),
-            "parent_checkpoint": prepared.parent_checkpoint,
-            "resume_from": resume_from,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=config.scaling.num_workers,
-            use_gpu=config.scaling.use_gpu,
-            resources_per_worker=config.scaling.resources_per_worker,
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage.normalize(config.storage),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
-            failure_config=FailureConfig(max_failures=config.max_failures),
-        ),
-        datasets=build_datasets(config.data),
-    )
-    started = time.perf_counter()
-    result = trainer.fit()
-    wall = time.perf_counter() - started
+    data = stage_data(prepared.dataset, config.data, config.data.img_size, config.seed)
+    try:
+        trainer = TorchTrainer(
+            train_stage_worker,
+            train_loop_config={
+                "config": config.to_dict(),
+                "parent_checkpoint": prepared.parent_checkpoint,
+                "resume_from": resume_from,
+                "num_train": prepared.num_train,
+                "image_stats": (prepared.dataset.card.stats.mean, prepared.dataset.card.stats.std),
+                "s3": access,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=config.scaling.num_workers,
+                use_gpu=config.scaling.use_gpu,
+                resources_per_worker=config.scaling.resources_per_worker,
+            ),
+            run_config=_run_config(config, run_name, access),
+            datasets=data.datasets,
+            dataset_config=_ingest_config(),
+        )
+        started = time.perf_counter()
+        try:
+            result = trainer.fit()
+        except Exception as err:
+            failure = data.failure()  # too many corrupt images: say so plainly
+            if failure is None:
+                raise
+            raise failure from err
+        wall = time.perf_counter() - started
+        skipped = data.skipped_rows()
+    finally:
+        data.close()
     metrics = dict(result.metrics or {})
+    metrics.update({f"data/skipped_{split}": count for split, count in skipped.items()})
     samples = int(metrics.get("samples", 0))
     cost = StageCost(
         device_kind=config.scaling.device_kind,
@@ -127,14 +202,33 @@ def run_stage(config: StageConfig, *, run_name: str | None = None, resume_from: 
         samples=samples,
     )
     checkpoint_uri = _checkpoint_uri(config.storage, result.checkpoint.path) if result.checkpoint else None
-    return StageResult(config.name, run_name, metrics, checkpoint_uri, cost)
+    return StageResult(config.name, run_name, metrics, checkpoint_uri, cost, prepared.total_steps)
 
 
-def _fetch_parent_spec(uri: str, tmp: Path) -> Path:
+def _run_config(config: StageConfig, run_name: str, access: S3Access) -> RunConfig:
+    storage_path, filesystem = storage.normalize(config.storage), None
+    if storage.is_remote(config.storage):
+        filesystem, storage_path = storage.filesystem(config.storage, "stage.storage", access)
+    return RunConfig(
+        name=run_name,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
+        failure_config=FailureConfig(max_failures=config.max_failures),
+    )
+
+
+def _ingest_config() -> DataConfig:
+    """Stream order preserved, so the seeded shuffle gives the same order on every run."""
+    limits = DataContext.get_current().execution_options.resource_limits
+    return DataConfig(execution_options=ExecutionOptions(preserve_order=True, resource_limits=limits))
+
+
+def _fetch_parent_spec(uri: str, tmp: Path, access: S3Access) -> Path:
     model_uri = uri if uri.endswith(".safetensors") else f"{uri.rstrip('/')}/model.safetensors"
-    if not storage.exists(model_uri):
+    if not storage.exists(model_uri, access):
         raise ConfigError(f"stage.model.parent_checkpoint: no checkpoint at {uri!r}")
-    return storage.download(model_uri, tmp)
+    return storage.download(model_uri, tmp, access)
 
 
 def _checkpoint_uri(storage_root: str, path: str) -> str:

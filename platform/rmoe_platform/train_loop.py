@@ -19,9 +19,10 @@ import rmoe
 from rmoe import ModelSpec
 from rmoe_platform.checkpointing import TrainProgress, restore_training_state, save_training_checkpoint
 from rmoe_platform.config import StageConfig
-from rmoe_platform.data import to_tensors
+from rmoe_platform.data import Normalizer, to_tensors
 from rmoe_platform.expert_parallel import ExpertParallelPlan, parallelize
 from rmoe_platform.optim import build_optimizer, build_schedule
+from rmoe_platform.s3 import S3Access
 from rmoe_platform.stage_model import build_stage_model
 from rmoe_platform.storage import download
 from rmoe_platform.trainable import apply_trainable
@@ -30,6 +31,8 @@ from rmoe_platform.trainable import apply_trainable
 @dataclass
 class WorkerContext:
     config: StageConfig
+    total_steps: int
+    normalize: Normalizer
     model: nn.Module
     spec: ModelSpec
     plan: ExpertParallelPlan
@@ -43,66 +46,85 @@ class WorkerContext:
 def train_stage_worker(payload: dict[str, Any]) -> None:
     """Build (or resume) the model, parallelize it, train to the budget, evaluate, checkpoint, report."""
     config = StageConfig.from_dict(payload["config"])
+    access: S3Access = payload["s3"]
+    total_steps = config.total_steps(payload["num_train"])
     # torch marks the autograd-aware collectives deprecated (see expert_parallel); say so once per worker.
     warnings.filterwarnings("once", message="torch.distributed.nn.functional", category=FutureWarning)
     with tempfile.TemporaryDirectory() as tmp:
-        resume_dir = _resume_dir(payload.get("resume_from"), Path(tmp))
-        ctx = _setup(config, payload.get("parent_checkpoint"), resume_dir)
+        resume_dir = _resume_dir(payload.get("resume_from"), Path(tmp), access)
+        ctx = _setup(config, total_steps, payload.get("parent_checkpoint"), resume_dir, access, payload["image_stats"])
         progress, resumed_from = _resume(ctx, resume_dir)
     train_shard = ray.train.get_dataset_shard("train")
     started = time.perf_counter()
     last: dict[str, float] = {}
-    while progress.step < config.total_steps:
+    shuffle_buffer = config.data.shuffle_buffer
+    if shuffle_buffer is None:
+        shuffle_buffer = 8 * config.local_batch_size
+    while progress.step < total_steps:
+        epoch_start_step = progress.step
         batches = train_shard.iter_torch_batches(
             batch_size=config.local_batch_size,
             drop_last=True,
-            local_shuffle_buffer_size=4 * config.local_batch_size,
-            local_shuffle_seed=config.seed * 100_003 + progress.epoch,
+            local_shuffle_buffer_size=shuffle_buffer or None,
+            local_shuffle_seed=config.seed * 100_003 + progress.epoch if shuffle_buffer else None,
         )
         for batch in batches:
-            if progress.step >= config.total_steps:
+            if progress.step >= total_steps:
                 break
             _maybe_inject_fault(config, ctx.rank, progress.step)
             last = _train_step(ctx, batch)
             progress.step += 1
             progress.samples += config.batch_size
-            if _checkpoint_due(config, progress.step):
+            if _checkpoint_due(config, progress.step, total_steps):
                 _report(ctx, progress, last, resumed_from, started, checkpoint=True)
             elif progress.step % config.log_every == 0:
                 _report(ctx, progress, last, resumed_from, started, checkpoint=False)
         else:
+            if progress.step == epoch_start_step:
+                raise RuntimeError(
+                    f"worker {ctx.rank}: an epoch gave no full batch of {config.local_batch_size} rows "
+                    "(too few decodable train rows for batch_size and num_workers)"
+                )
             progress.epoch += 1
-            if _epoch_checkpoint_due(config, progress.epoch) and progress.step < config.total_steps:
+            if _epoch_checkpoint_due(config, progress.epoch) and progress.step < total_steps:
                 _report(ctx, progress, last, resumed_from, started, checkpoint=True, evaluate=True)
     _report(ctx, progress, last, resumed_from, started, checkpoint=True, evaluate=True, final=True)
 
 
-def _resume_dir(resume_uri: str | None, tmp: Path) -> Path | None:
+def _resume_dir(resume_uri: str | None, tmp: Path, access: S3Access) -> Path | None:
     """Where to resume from: Ray's latest checkpoint of this run (after a worker failure), else the
     checkpoint the caller named (possibly written by a different number of workers), else nowhere."""
     latest = ray.train.get_checkpoint()
     if latest is not None:
         return Path(latest.to_directory(str(tmp / "latest")))
     if resume_uri is not None:
-        return download(resume_uri, tmp)
+        return download(resume_uri, tmp, access)
     return None
 
 
-def _setup(config: StageConfig, parent_uri: str | None, resume_dir: Path | None) -> WorkerContext:
+def _setup(
+    config: StageConfig,
+    total_steps: int,
+    parent_uri: str | None,
+    resume_dir: Path | None,
+    access: S3Access,
+    image_stats: tuple[tuple[float, ...], tuple[float, ...]],
+) -> WorkerContext:
     torch.manual_seed(config.seed)
     device = ray.train.torch.get_device() if config.scaling.use_gpu else torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        parent = download(parent_uri, Path(tmp)) if parent_uri and resume_dir is None else None
+        parent = download(parent_uri, Path(tmp), access) if parent_uri and resume_dir is None else None
         model, spec = build_stage_model(config, parent=parent, resume=resume_dir)
     moe = spec.moe
     apply_trainable(model, config.trainable, freeze_core=moe.freeze_core if moe else True)
     model.to(device)
     plan = parallelize(model, config.scaling.expert_parallel_size)
     optimizer = build_optimizer(model, config.optim)
-    scheduler = build_schedule(optimizer, config.optim, config.total_steps)
+    scheduler = build_schedule(optimizer, config.optim, total_steps)
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return WorkerContext(config, model, spec, plan, optimizer, scheduler, device, rank, world)
+    normalize = Normalizer(*image_stats, device)
+    return WorkerContext(config, total_steps, normalize, model, spec, plan, optimizer, scheduler, device, rank, world)
 
 
 def _resume(ctx: WorkerContext, resume_dir: Path | None) -> tuple[TrainProgress, int | None]:
@@ -114,7 +136,7 @@ def _resume(ctx: WorkerContext, resume_dir: Path | None) -> tuple[TrainProgress,
 
 def _train_step(ctx: WorkerContext, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     ctx.model.train()
-    images, labels = to_tensors(batch, ctx.device)
+    images, labels = to_tensors(batch, ctx.normalize, ctx.device)
     logits, aux = rmoe.forward_with_aux(ctx.model, images)
     task_loss = nn.functional.cross_entropy(logits, labels)
     loss = task_loss + aux.loss
@@ -141,7 +163,7 @@ def validate(ctx: WorkerContext) -> dict[str, float]:
     ctx.model.eval()
     totals = torch.zeros(3, dtype=torch.float64)
     for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=ctx.config.local_batch_size):
-        images, labels = to_tensors(batch, ctx.device)
+        images, labels = to_tensors(batch, ctx.normalize, ctx.device)
         logits = ctx.model(images)
         rmoe.collect_moe_aux(ctx.model)
         totals += torch.tensor(
@@ -198,9 +220,9 @@ def _report(
         ray.train.report(metrics, checkpoint=attached, checkpoint_dir_name=f"checkpoint_{progress.step:08d}")
 
 
-def _checkpoint_due(config: StageConfig, step: int) -> bool:
+def _checkpoint_due(config: StageConfig, step: int, total_steps: int) -> bool:
     every = config.checkpoint.every_n_steps
-    return every is not None and step % every == 0 and step < config.total_steps
+    return every is not None and step % every == 0 and step < total_steps
 
 
 def _epoch_checkpoint_due(config: StageConfig, epoch: int) -> bool:
