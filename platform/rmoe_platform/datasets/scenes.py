@@ -8,6 +8,7 @@ part of each object gives its mask, its class-id pixels and its box.
 
 from __future__ import annotations
 
+import colorsys
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -47,8 +48,9 @@ SPLIT_SALT = {"train": 0, "val": 1}
 @dataclass(frozen=True)
 class SceneRecipe:
     """A procedural dataset. `class_offset` picks which shapes are the classes (another label set for
-    a downstream task); `noise` is the pixel noise std (0..1 scale); sizes range from tiny test sets to
-    tens of thousands of images."""
+    a downstream task); `distractors`: up to that many small blobs beside a classification scene's
+    shape; `noise` is the pixel noise std (0..1 scale); sizes range from tiny test sets to tens of
+    thousands of images."""
 
     task: Literal["classification", "segmentation", "detection"] = "classification"
     num_train: int = 2048
@@ -57,6 +59,7 @@ class SceneRecipe:
     num_classes: int = 10
     class_offset: int = 0
     max_objects: int = 4
+    distractors: int = 2
     noise: float = 0.08
     seed: int = 0
     shard_rows: int = 512
@@ -70,6 +73,7 @@ class SceneRecipe:
             f"class_offset + num_classes must be <= {len(SHAPES)} shapes and num_classes >= 2",
         )
         check(self.max_objects >= 1, f"max_objects must be >= 1, got {self.max_objects}")
+        check(self.distractors >= 0, f"distractors must be >= 0, got {self.distractors}")
         check(0 <= self.noise <= 1, f"noise must be in [0, 1], got {self.noise}")
         check(self.shard_rows >= 1, f"shard_rows must be >= 1, got {self.shard_rows}")
 
@@ -104,9 +108,11 @@ def make_example(recipe: SceneRecipe, split: str, index: int) -> dict[str, Any]:
     image = _background(rng, size)
     if recipe.task == "classification":
         label = int(rng.integers(recipe.num_classes))
-        for _ in range(int(rng.integers(0, 3))):  # small distractor blobs
+        for _ in range(int(rng.integers(0, recipe.distractors + 1))):  # small distractor blobs
             _paint(image, _object_mask(rng, "circle", size, scale=(0.06, 0.12)), rng)
-        _paint(image, _object_mask(rng, recipe.shapes[label], size, scale=(0.22, 0.42)), rng)
+        shape_index = recipe.class_offset + label
+        mask = _object_mask(rng, recipe.shapes[label], size, scale=(0.22, 0.42))
+        _paint(image, mask, rng, hue=shape_index / len(SHAPES))  # a hue band per class: learnable in minutes
         row: dict[str, Any] = {"label": label, "_targets": {"label": label}}
     else:
         row = _multi_object(recipe, rng, image)
@@ -170,10 +176,14 @@ def _object_mask(rng: np.random.Generator, shape: str, size: int, scale: tuple[f
     return SHAPES[shape](u, v)
 
 
-def _paint(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> None:
-    """Fill `mask` with a colour far from the local background, with a checker texture."""
+def _paint(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, hue: float | None = None) -> None:
+    """Fill `mask` with a colour far from the local background (or of the given hue, jittered), with a
+    checker texture."""
     background = image[mask].mean(0) if mask.any() else np.full(3, 0.5)
     colour = np.where(background > 0.5, rng.uniform(0.0, 0.3, 3), rng.uniform(0.7, 1.0, 3))
+    if hue is not None:
+        h = (hue + rng.uniform(-0.02, 0.02)) % 1.0
+        colour = np.array(colorsys.hsv_to_rgb(h, rng.uniform(0.7, 1.0), rng.uniform(0.6, 1.0)))
     y, x = np.nonzero(mask)
     period = int(rng.integers(2, 5))
     checker = (((y // period) + (x // period)) % 2)[:, None] * rng.uniform(0.03, 0.1)
