@@ -51,7 +51,10 @@ def init_ray() -> None:
     if "RAY_ADDRESS" in os.environ:  # a submitted job, or a user pointing at a cluster
         ray.init(runtime_env={"py_modules": modules}, log_to_driver=False)
     else:  # a local Ray of our own, on loopback
+        # Twice the cores as logical CPUs: Train workers mostly wait on the data, and the Ray Data decode
+        # tasks need CPUs of their own (with one CPU per worker and no CPU left, ingest would stall).
         ray.init(
+            num_cpus=2 * (os.cpu_count() or 1),
             runtime_env={"py_modules": modules},
             include_dashboard=False,
             log_to_driver=False,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import ray
 import timm.data
 from ray.data import DataContext, ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -156,6 +157,7 @@ def run_stage(
     config, access = prepared.config, prepared.access
     if resume_from is not None and not storage.exists(f"{resume_from.rstrip('/')}/{STATE_FILE}", access):
         raise ConfigError(f"resume_from: no training checkpoint at {resume_from!r}")
+    _check_cpus_left_for_ingest(config)
     run_name = run_name or f"{config.name}-{uuid.uuid4().hex[:8]}"
     data = stage_data(prepared.dataset, config.data, config.data.img_size, config.seed)
     try:
@@ -203,6 +205,17 @@ def run_stage(
     )
     checkpoint_uri = _checkpoint_uri(config.storage, result.checkpoint.path) if result.checkpoint else None
     return StageResult(config.name, run_name, metrics, checkpoint_uri, cost, prepared.total_steps)
+
+
+def _check_cpus_left_for_ingest(config: StageConfig) -> None:
+    """Ray Data decodes in CPU tasks: if the Train workers take every CPU of the cluster, ingest stalls."""
+    per_worker = (config.scaling.resources_per_worker or {}).get("CPU", 0 if config.scaling.use_gpu else 1)
+    total = ray.cluster_resources().get("CPU", 0)
+    if total - per_worker * config.scaling.num_workers < 1:
+        raise ConfigError(
+            f"stage.scaling: {config.scaling.num_workers} worker(s) x {per_worker} CPU leave none of the cluster's "
+            f"{total:g} CPUs for Ray Data's decode tasks (start Ray with more CPUs or lower resources_per_worker)"
+        )
 
 
 def _run_config(config: StageConfig, run_name: str, access: S3Access) -> RunConfig:
