@@ -354,15 +354,12 @@ def test_s3_bad_bucket_credentials_and_endpoint(s3_server) -> None:
         open_dataset(f"s3://{bucket}/data", wrong)
     assert "nope" not in str(err.value)
     assert "AKIAWRONG" not in repr(wrong)
-    down = s3_server.access(endpoint_url=f"http://127.0.0.1:{_closed_port()}", max_attempts=2, connect_timeout=1.0)
+    closed = free_port()  # nothing listens on it once the probe socket is closed
+    down = s3_server.access(endpoint_url=f"http://127.0.0.1:{closed}", max_attempts=2, connect_timeout=1.0)
     with pytest.raises(ConfigError, match=r"cannot reach the S3 endpoint http://127\.0\.0\.1:\d+ .*after 2 attempt"):
         open_dataset(f"s3://{bucket}/data", down)
     with pytest.raises(ConfigError, match="no dataset at"):
         open_dataset(f"s3://{bucket}/data", access)
-
-
-def _closed_port() -> int:
-    return free_port()  # nothing listens on it once the probe socket is closed
 
 
 def test_png_roundtrip_is_lossless() -> None:

@@ -15,69 +15,70 @@ import torch
 from rmoe_platform import storage
 from rmoe_platform.config import DataSpec
 from rmoe_platform.configtools import ConfigError
-from rmoe_platform.datasets.format import FormatError, dataset_name
+from rmoe_platform.datasets.format import DatasetCard, FormatError, dataset_name
 from rmoe_platform.datasets.ingest import (
     CorruptDataError,
     DecodeSpec,
     OpenDataset,
     create_ledger,
+    load_card,
     open_dataset,
     read_split,
+    validate_card,
 )
-from rmoe_platform.datasets.writer import read_card, write_dataset
-from rmoe_platform.s3 import S3Access, explain_error
+from rmoe_platform.datasets.writer import write_dataset
+from rmoe_platform.s3 import S3Access
 
 
 @dataclass(frozen=True)
-class DatasetShape:
-    """What a stage needs to know of its dataset before it exists: task, class count, train rows."""
+class DatasetCheck:
+    """A dataset checked without writing anything: what a stage needs to know of it (task, class count,
+    train rows), and the opened dataset, or None while it is still to be generated from `spec.generate`."""
 
     task: str
     num_classes: int
     num_train: int
+    opened: OpenDataset | None
 
 
-def check_dataset(spec: DataSpec, access: S3Access | None, field: str = "data") -> DatasetShape:
+def check_dataset(spec: DataSpec, access: S3Access | None, field: str = "data") -> DatasetCheck:
     """Without writing anything: the dataset is there and valid, or can be generated at its uri."""
-    card = _read_card(spec, access, field)
+    card = load_card(spec.uri, access, f"{field}.uri")
     if card is None and spec.generate is not None:
         storage.check_writable(spec.uri, f"{field}.uri", access)
         recipe = spec.generate
-        return DatasetShape(recipe.task, len(recipe.classes), recipe.num_train)
-    _check_recipe(spec, card, field)
-    card = open_dataset(spec.uri, access, f"{field}.uri").card
-    return DatasetShape(card.task, card.num_classes, card.split("train").num_rows)
-
-
-def ensure_dataset(spec: DataSpec, access: S3Access | None, field: str = "data", progress: bool = True) -> OpenDataset:
-    """Open the dataset, generating it first when it is absent and `spec.generate` is set."""
-    card = _read_card(spec, access, field)
-    if card is None and spec.generate is not None:
-        recipe = spec.generate
-        storage.check_writable(spec.uri, f"{field}.uri", access)
-        try:
-            write_dataset(spec.uri, recipe.plan(dataset_name(spec.uri)), recipe.rows, s3=access, progress=progress)
-        except FormatError as err:
-            raise ConfigError(f"{field}.uri: {err}") from None
+        return DatasetCheck(recipe.task, len(recipe.classes), recipe.num_train, None)
+    if card is None:
+        opened = open_dataset(spec.uri, access, f"{field}.uri")  # raises: no dataset there
     else:
         _check_recipe(spec, card, field)
+        opened = validate_card(spec.uri, card, access, f"{field}.uri")
+    return DatasetCheck(card.task, card.num_classes, card.split("train").num_rows, opened)
+
+
+def ensure_dataset(
+    spec: DataSpec,
+    access: S3Access | None,
+    field: str = "data",
+    checked: DatasetCheck | None = None,
+    progress: bool = True,
+) -> OpenDataset:
+    """The opened dataset, generated first when it is absent and `spec.generate` is set. `checked`, a
+    `check_dataset` result for the same spec, saves reading and validating it again."""
+    checked = checked or check_dataset(spec, access, field)
+    if checked.opened is not None:
+        return checked.opened
+    recipe = spec.generate
+    assert recipe is not None  # check_dataset returns no opened dataset only for a recipe
+    try:
+        write_dataset(spec.uri, recipe.plan(dataset_name(spec.uri)), recipe.rows, s3=access, progress=progress)
+    except FormatError as err:
+        raise ConfigError(f"{field}.uri: {err}") from None
     return open_dataset(spec.uri, access, f"{field}.uri")
 
 
-def _read_card(spec: DataSpec, access: S3Access | None, field: str):
-    uri = storage.normalize(spec.uri)
-    if storage.is_remote(uri):
-        storage.check_bucket(uri, f"{field}.uri", access)
-    try:
-        return read_card(uri, access)
-    except FormatError as err:
-        raise ConfigError(f"{field}.uri: {err}") from None
-    except OSError as err:
-        raise ConfigError(f"{field}.uri: {explain_error(err, uri, access or S3Access())}") from None
-
-
-def _check_recipe(spec: DataSpec, card: Any, field: str) -> None:
-    if card is None or spec.generate is None:
+def _check_recipe(spec: DataSpec, card: DatasetCard, field: str) -> None:
+    if spec.generate is None:
         return
     recipe = card.source.get("recipe")
     wanted = dataclasses.asdict(spec.generate)

@@ -9,8 +9,8 @@ Readers skip files they cannot parse and report them instead of failing.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
-import os
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -99,13 +99,9 @@ class ResultsStore:
         table = pa.Table.from_pylist(records, schema=SCHEMA)
         name = f"part-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex}.parquet"
         final = f"{self.root.rstrip('/')}/{name}"
-        self.fs.create_dir(self.root, recursive=True)
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            tmp = f"{self.root.rstrip('/')}/.{name}.tmp"
-            pq.write_table(table, tmp, filesystem=self.fs)
-            os.replace(tmp, final)
-        else:
-            pq.write_table(table, final, filesystem=self.fs)  # one PUT: the object appears whole or not at all
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        storage.write_bytes(self.fs, final, buffer.getvalue())  # appears whole or not at all
         return final
 
     def read(self) -> ReadResult:

@@ -16,7 +16,7 @@ from typing import Any
 from rmoe_platform import storage
 from rmoe_platform.accounting import SECONDS_PER_DAY, Cost, stage_cost, total
 from rmoe_platform.configtools import ConfigError
-from rmoe_platform.data import check_dataset, ensure_dataset
+from rmoe_platform.data import DatasetCheck, check_dataset, ensure_dataset
 from rmoe_platform.datasets.format import DatasetCard
 from rmoe_platform.experiment import ExperimentConfig
 from rmoe_platform.pipelines import StageNode, plan_pipelines, shared_keys
@@ -89,6 +89,8 @@ class ExperimentRunner:
         self.stage_runner = stage_runner
         self.git_commit = _git_commit()
         self._succeeded: dict[str, list[dict[str, Any]]] = {}
+        # validate()'s stage graph and dataset checks, reused by run()
+        self._validated: tuple[dict[str, list[StageNode]], dict[str, DatasetCheck]] | None = None
 
     def validate(self) -> dict[str, list[StageNode]]:
         """What can fail before any stage runs (nothing is written): the stage graph, storage and results
@@ -99,14 +101,20 @@ class ExperimentRunner:
             raise ConfigError(str(err) if isinstance(err, ConfigError) else f"experiment: {err}") from None
         storage.check_writable(self.exp.storage, field="experiment.storage", s3=self.access)
         self.store.check_writable()
-        for field_path, spec in self.exp.datasets().items():
-            check_dataset(spec, self.access, field_path)
+        datasets = {
+            field_path: check_dataset(spec, self.access, field_path) for field_path, spec in self.exp.datasets().items()
+        }
+        self._validated = (plans, datasets)
         return plans
 
     def run(self) -> ExperimentReport:
-        plans = self.validate()
+        """Run every stage; validates first unless `validate()` already did (its checks are reused)."""
+        if self._validated is None:
+            self.validate()
+        assert self._validated is not None
+        plans, datasets = self._validated
         for field_path, spec in self.exp.datasets().items():
-            opened = ensure_dataset(spec, self.access, field_path)
+            opened = ensure_dataset(spec, self.access, field_path, datasets[field_path])
             self.log(f"dataset {opened.card.name}: {opened.uri} ({_split_sizes(opened.card)})")
         self._succeeded = self._succeeded_stage_rows()
         shared = shared_keys(plans)

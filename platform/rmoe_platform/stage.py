@@ -87,15 +87,15 @@ def prepare_stage(config: StageConfig, access: S3Access | None = None) -> Prepar
     """
     access = access or S3Access.resolve(config.s3)
     storage.check_writable(config.storage, field="stage.storage", s3=access)
-    shape = check_dataset(config.data, access, field="stage.data")
-    if shape.task != "classification":
+    checked = check_dataset(config.data, access, field="stage.data")
+    if checked.task != "classification":
         raise ConfigError(
-            f"stage.data.uri: training stages take classification data; {config.data.uri!r} is {shape.task}"
+            f"stage.data.uri: training stages take classification data; {config.data.uri!r} is {checked.task}"
         )
-    config = _resolve_classes(config, shape.num_classes)
-    if config.batch_size > shape.num_train:
+    config = _resolve_classes(config, checked.num_classes)
+    if config.batch_size > checked.num_train:
         raise ConfigError(
-            f"stage.batch_size: {config.batch_size} exceeds the {shape.num_train} train rows of {config.data.uri!r}"
+            f"stage.batch_size: {config.batch_size} exceeds the {checked.num_train} train rows of {config.data.uri!r}"
         )
     parent_uri = config.model.parent_checkpoint
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +116,7 @@ def prepare_stage(config: StageConfig, access: S3Access | None = None) -> Prepar
                 f"stage.scaling.expert_parallel_size: {ep} does not divide num_experts ({layer.num_experts}) of {name}"
             )
     breakdown = rmoe_cost.flops_per_image(model)
-    dataset = ensure_dataset(config.data, access, field="stage.data")  # written only once all else is valid
+    dataset = ensure_dataset(config.data, access, "stage.data", checked)  # written only once all else is valid
     return PreparedStage(config, parent_uri, breakdown.forward + breakdown.backward, dataset, access)
 
 

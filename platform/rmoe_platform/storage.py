@@ -7,6 +7,7 @@ this process's environment (fine on the driver, not inside Ray workers: pass it 
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -93,7 +94,7 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     appears whole or not at all), so an interrupted writer never leaves a half-written file."""
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(str(Path(path).parent), recursive=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"  # never ends in .parquet: listings skip it
         with fs.open_output_stream(tmp) as out:
             out.write(data)
         fs.move(tmp, path)

@@ -50,24 +50,38 @@ class OpenDataset:
         return [f"{root}/{shard.path}" for shard in self.card.split(split).shards]
 
 
-def open_dataset(uri: str, access: S3Access | None = None, field: str = "data.uri") -> OpenDataset:
-    """Check the location, the card and every shard's schema; a ConfigError naming `field` otherwise."""
+def load_card(uri: str, access: S3Access | None = None, field: str = "data.uri") -> DatasetCard | None:
+    """The card at `uri`, or None when there is no dataset (yet); a ConfigError naming `field` for a
+    missing bucket, refused credentials, an unreachable endpoint or a malformed card."""
     uri = storage.normalize(uri)
     if storage.is_remote(uri):
         access = access or S3Access.resolve()
         storage.check_bucket(uri, field, access)
     try:
-        card = read_card(uri, access)
+        return read_card(uri, access)
     except FormatError as err:
         raise ConfigError(f"{field}: {err}") from None
     except OSError as err:
         raise ConfigError(f"{field}: {explain_error(err, uri, access or S3Access())}") from None
+
+
+def open_dataset(uri: str, access: S3Access | None = None, field: str = "data.uri") -> OpenDataset:
+    """Check the location, the card and every shard's schema; a ConfigError naming `field` otherwise."""
+    uri = storage.normalize(uri)
+    if storage.is_remote(uri):
+        access = access or S3Access.resolve()
+    card = load_card(uri, access, field)
     if card is None:
         raise ConfigError(
             f"{field}: no dataset at {uri!r} (no {CARD_FILE}; write one with jobs/prepare_data.py, "
             "or give data.generate to generate it)"
         )
-    opened = OpenDataset(uri, card, access)
+    return validate_card(uri, card, access, field)
+
+
+def validate_card(uri: str, card: DatasetCard, access: S3Access | None, field: str = "data.uri") -> OpenDataset:
+    """A dataset whose card was read: no empty split, every shard present with the task's schema."""
+    opened = OpenDataset(storage.normalize(uri), card, access)
     for split in ("train", "val"):
         info = card.split(split) if split in card.splits else None
         if info is None or info.num_rows == 0 or not info.shards:
