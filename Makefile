@@ -8,10 +8,18 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo demo-library test lint format bench clean
 
+# mmcv 2.1.0 (with C++ ops) compiles against the torch already in the venv, hence --no-build-isolation
+# after the first install. A prebuilt wheel in ../shared/wheels is used when that folder exists; without
+# it pip builds from source (~7 min on 2 cores) and keeps the wheel in its cache for the next venv.
+SHARED_WHEELS := $(wildcard ../shared/wheels)
+MMCV_FIND_LINKS := $(if $(SHARED_WHEELS),--find-links $(SHARED_WHEELS))
+
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip "setuptools<81" wheel
 	$(PIP) -e ".[dev]"
+	MMCV_WITH_OPS=1 MAX_JOBS=2 $(PIP) --no-build-isolation $(MMCV_FIND_LINKS) "mmcv==2.1.0"
+	$(PIP) -e ".[dev,mm]"
 	touch $@
 
 demo: $(STAMP)

@@ -20,13 +20,16 @@ class MoEAuxSummary:
     layers: dict[str, MoEAux]
 
     def telemetry(self) -> dict[str, float]:
-        """Flat scalars for logging: per layer load imbalance, drop fraction, router entropy, aux losses."""
+        """Flat scalars for logging: per layer load imbalance, drop fraction, router entropy, aux losses,
+        and each expert's share of the routed tokens (`load_<i>`, for load-over-training plots)."""
         out: dict[str, float] = {}
         for name, aux in self.layers.items():
-            load = aux.tokens_per_expert.float()
+            load = aux.tokens_per_expert.detach().float()
             out[f"{name}/dropped_fraction"] = float(aux.dropped_fraction)
             out[f"{name}/router_entropy"] = float(aux.router_entropy)
             out[f"{name}/max_load"] = float(load.max() / load.mean().clamp_min(1e-9))
+            fractions = (load / load.sum().clamp_min(1e-9)).tolist()
+            out.update({f"{name}/load_{i}": float(f) for i, f in enumerate(fractions)})
             for loss_name, value in aux.losses.items():
                 out[f"{name}/{loss_name}_loss"] = float(value.detach())
         return out

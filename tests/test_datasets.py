@@ -96,7 +96,7 @@ def test_joint_transforms_keep_targets_on_the_pixels() -> None:
     image, targets = example["_pixels"], example["_targets"]
     aug = AugmentSpec(resize_range=(0.5, 1.0), hflip=True)
     for _ in range(10):
-        out, boxes, masks = T.detection_train(image, targets["boxes"], targets["masks"], 40, aug, rng)
+        out, boxes, masks, _ = T.detection_train(image, targets["boxes"], targets["masks"], 40, aug, rng)
         assert out.shape == (40, 40, 3) and masks.shape[1:] == (40, 40)
         for box, mask in zip(boxes, masks, strict=True):
             ys, xs = np.nonzero(mask)

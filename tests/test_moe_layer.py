@@ -74,6 +74,17 @@ def test_matches_naive_reference_forward_and_backward(top_k, capacity, residual,
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("backend", ["padded", "loop"])
+def test_no_tokens_give_an_empty_output(residual: bool, backend: str) -> None:
+    """An expert-parallel rank can receive no token at all (e.g. a small validation batch)."""
+    layer = make_layer(1, None, residual=residual, expert_backend=backend)
+    x = torch.zeros(0, D, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, D)
+    y.sum().backward()
+
+
 @pytest.mark.parametrize("rank", [None, 4])
 def test_low_and_full_rank_residuals_match_reference(rank) -> None:
     layer = make_layer(2, None, residual=True, rank=rank)

@@ -4,7 +4,7 @@ Layout of a checkpoint directory:
 - `model.safetensors`: the full single-device model (expert shards gathered) with its `ModelSpec`,
   so `rmoe.load_model(dir / "model.safetensors")` works for inference and export;
 - `optimizer.safetensors`: AdamW state by parameter name (expert entries gathered the same way);
-- `train_state.json`: step, epoch, samples seen, scheduler state, and the layout that wrote it.
+- `train_state.json`: step, epoch, samples seen, report history, scheduler state, and the layout that wrote it.
 Writing is collective (every rank joins the gathers); rank 0 writes. Loading slices expert tensors for
 the loading rank, so a checkpoint written by N workers resumes on M.
 """
@@ -12,7 +12,7 @@ the loading rank, so a checkpoint written by N workers resumes on M.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ class TrainProgress:
     step: int = 0
     epoch: int = 0
     samples: int = 0
+    # the stage's reports so far (thinned), so a resumed stage keeps the curves of its earlier steps
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def save_training_checkpoint(
@@ -44,14 +46,17 @@ def save_training_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     progress: TrainProgress,
     spec: ModelSpec,
+    metadata: dict[str, str] | None = None,
 ) -> None:
-    """Gather shards and write the checkpoint into `directory` (rank 0 writes; call on every rank)."""
+    """Gather shards and write the checkpoint into `directory` (rank 0 writes; call on every rank).
+    `metadata`: extra safetensors metadata of the model file (e.g. the task that rebuilds it)."""
     model_state = plan.full_state_dict(model)
     optim_state = _full_optimizer_state(model, plan, optimizer)
     if plan.dims.rank != 0:
         return
     directory.mkdir(parents=True, exist_ok=True)
-    save_state_dict(model_state, directory / MODEL_FILE, spec=spec, metadata={"step": str(progress.step)})
+    meta = {**(metadata or {}), "step": str(progress.step)}
+    save_state_dict(model_state, directory / MODEL_FILE, spec=spec, metadata=meta)
     save_state_dict(optim_state, directory / OPTIMIZER_FILE, spec=None)
     state = {
         "progress": asdict(progress),

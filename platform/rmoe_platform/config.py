@@ -17,6 +17,8 @@ from rmoe_platform.datasets.transforms import AugmentSpec
 from rmoe_platform.s3 import S3Options
 
 TRAINABLE_GROUPS = ("all", "residual", "router", "experts", "core", "moe", "head", "non_moe")
+TASKS = ("classification", "segmentation", "detection")
+NORMS = ("BN", "SyncBN", "GN")
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,41 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
+class HeadConfig:
+    """The OpenMMLab head of a segmentation (UperNet + FCN auxiliary head) or detection (FPN + Mask R-CNN)
+    stage. Defaults are the papers' sizes; the CPU demo shrinks them.
+
+    `channels`: UperNet's decode width, or FPN's and the RoI heads' width; `fc_channels`: Mask R-CNN's box
+    head FC width; `norm`: the heads' normalisation (SyncBN needs GPUs); `aux_weight`: UperNet's FCN
+    auxiliary loss weight (0 = no auxiliary head); `pyramid_channels`: a ViT's simple-pyramid width
+    (default embed_dim); `anchor_scales`: RPN anchor sizes as multiples of each level's stride;
+    `rpn_proposals`/`roi_samples`: proposals kept per image and RoIs sampled for the box head in
+    training; `max_per_img`/`score_thr`: detections kept at test time.
+    """
+
+    channels: int = 512
+    fc_channels: int = 1024
+    norm: str = "BN"
+    aux_weight: float = 0.4
+    pyramid_channels: int | None = None
+    anchor_scales: tuple[int, ...] = (8,)
+    rpn_proposals: int = 1000
+    roi_samples: int = 512
+    max_per_img: int = 100
+    score_thr: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("channels", "fc_channels", "rpn_proposals", "roi_samples", "max_per_img"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, f"{name} must be a positive int, got {value!r}")
+        check(self.norm in NORMS, f"norm: unknown {self.norm!r} (use {', '.join(NORMS)})")
+        check(self.aux_weight >= 0, f"aux_weight must be >= 0, got {self.aux_weight}")
+        check(self.pyramid_channels is None or self.pyramid_channels >= 1, "pyramid_channels must be >= 1")
+        check(len(self.anchor_scales) >= 1 and all(s > 0 for s in self.anchor_scales), "anchor_scales must be > 0")
+        check(0 <= self.score_thr < 1, f"score_thr must be in [0, 1), got {self.score_thr}")
+
+
+@dataclass(frozen=True)
 class FaultInjection:
     """Test-only: worker `rank` exits at `step` once (the `marker` file records that it happened)."""
 
@@ -156,7 +193,12 @@ class FaultInjection:
 
 @dataclass(frozen=True)
 class StageConfig:
+    """One training stage. `task` is what it trains: classification (a timm model), or segmentation /
+    detection (an mmseg UperNet / mmdet Mask R-CNN on the model as backbone, shaped by `head`)."""
+
     name: str
+    task: str = "classification"
+    head: HeadConfig = field(default_factory=HeadConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     trainable: tuple[str, ...] = ("all",)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -170,10 +212,12 @@ class StageConfig:
     seed: int = 0
     log_every: int = 10
     max_failures: int = 0
+    evaluate_at_start: bool = False  # validate before the first step too (reported as initial/val_*)
     fault_injection: FaultInjection | None = None
 
     def __post_init__(self) -> None:
         check(bool(self.name) and "/" not in self.name, f"name must be a non-empty name without '/', got {self.name!r}")
+        check(self.task in TASKS, f"task: unknown task {self.task!r} (use {', '.join(TASKS)})")
         check(len(self.trainable) > 0, "trainable must name at least one group")
         for group in self.trainable:
             check(
@@ -220,6 +264,7 @@ __all__ = [
     "ConfigError",
     "DataSpec",
     "FaultInjection",
+    "HeadConfig",
     "ModelConfig",
     "OptimConfig",
     "ScalingSpec",

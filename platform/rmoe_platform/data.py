@@ -109,12 +109,12 @@ class StageData:
         ray.kill(self.ledger)
 
 
-def stage_data(opened: OpenDataset, spec: DataSpec, img_size: int, seed: int) -> StageData:
-    """Train (block order seeded) and validation (in order) splits of a classification dataset."""
+def stage_data(opened: OpenDataset, task: str, spec: DataSpec, img_size: int, seed: int) -> StageData:
+    """Train (shard order seeded) and validation (in order) splits of the stage's dataset."""
     ledger = create_ledger(opened, spec.max_bad_fraction)
 
     def decode(mode: str) -> DecodeSpec:
-        return DecodeSpec("classification", mode, img_size, spec.augment, spec.max_bad_fraction)
+        return DecodeSpec(task, mode, img_size, spec.augment, spec.max_bad_fraction)
 
     return StageData(
         {
@@ -134,9 +134,3 @@ class Normalizer:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.scale.device, torch.float32, non_blocking=True) * self.scale - self.shift
-
-
-def to_tensors(
-    batch: dict[str, torch.Tensor], normalize: Normalizer, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return normalize(batch["image"]), batch["label"].to(device, torch.long)

@@ -10,20 +10,30 @@ from typing import Any
 import yaml
 
 from rmoe import MoEConfig
-from rmoe_platform.config import BudgetConfig, DataSpec, OptimConfig, ScalingSpec
+from rmoe_platform.config import TASKS, BudgetConfig, DataSpec, HeadConfig, OptimConfig, ScalingSpec
 from rmoe_platform.configtools import ConfigError, check, from_dict, load_yaml
 from rmoe_platform.s3 import S3Options
 
 PIPELINES = ("dense", "moe", "rmoe_i", "rmoe_d", "upcycle")
+METRIC_NAMES = {"classification": "accuracy", "segmentation": "mIoU", "detection": "bbox_mAP"}
 
 
 @dataclass(frozen=True)
 class PhaseConfig:
-    """Data, budget and optimizer of one phase (upstream, intermediate, downstream)."""
+    """Data, budget and optimizer of one phase (upstream, intermediate, downstream). Only downstream may
+    be a dense-prediction `task` (segmentation: UperNet, detection: Mask R-CNN, shaped by `head`)."""
 
     budget: BudgetConfig
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataSpec | None = None
+    task: str = "classification"
+    head: HeadConfig = field(default_factory=HeadConfig)
+    evaluate_at_start: bool = False  # also validate before the first step (initial/val_* metrics)
+    batch_size: int | None = None  # this phase's global batch (default: the experiment's batch_size)
+
+    def __post_init__(self) -> None:
+        check(self.task in TASKS, f"task: unknown task {self.task!r} (use {', '.join(TASKS)})")
+        check(self.batch_size is None or self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,9 @@ class ExperimentConfig:
             check(pipeline in PIPELINES, f"pipelines: unknown pipeline {pipeline!r} (known: {', '.join(PIPELINES)})")
         check(self.upstream.data is not None, "upstream.data is required")
         check(self.downstream.data is not None, "downstream.data is required")
+        for phase in ("upstream", "intermediate"):
+            task = getattr(self, phase).task
+            check(task == "classification", f"{phase}.task: upstream phases train classification, got {task!r}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         for kind, price in self.prices.items():
             check(price >= 0, f"prices.{kind} must be >= 0, got {price}")
@@ -102,6 +115,11 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def metric_name(self) -> str:
+        """The pipelines' metric: that of the downstream task."""
+        return METRIC_NAMES[self.downstream.task]
 
     def datasets(self) -> dict[str, DataSpec]:
         """The phases' datasets, their uris resolved against `data.uri`, keyed by config field."""

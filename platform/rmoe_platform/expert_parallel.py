@@ -112,7 +112,7 @@ class AllToAllDispatcher(TokenDispatcher):
         )
         T, K = state.num_tokens, state.top_k
         y_TKO = y_NO.new_zeros(T * K, y_NO.shape[-1]).index_copy(0, state.slot_order_N, y_sorted_NO)
-        return y_TKO.view(T, K, -1)
+        return y_TKO.view(T, K, y_NO.shape[-1])
 
     def reduce_sum(self, stats: torch.Tensor) -> torch.Tensor:
         return dist_fn.all_reduce(stats, op=dist.ReduceOp.SUM)

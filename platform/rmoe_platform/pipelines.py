@@ -21,7 +21,16 @@ from rmoe_platform.configtools import ConfigError
 from rmoe_platform.experiment import ExperimentConfig, PhaseConfig
 
 # Fields that do not change what a stage computes (where it writes, how it logs, test hooks).
-_HASH_EXCLUDED = {"name", "storage", "s3", "log_every", "max_failures", "fault_injection", "checkpoint"}
+_HASH_EXCLUDED = {
+    "name",
+    "storage",
+    "s3",
+    "log_every",
+    "max_failures",
+    "fault_injection",
+    "checkpoint",
+    "evaluate_at_start",
+}
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,8 @@ def _stage(
     layers = exp.moe.layers
     return StageConfig(
         name=name,
+        task=phase.task,
+        head=phase.head,
         model=ModelConfig(
             arch=exp.arch,
             kwargs=dict(exp.model_kwargs),
@@ -151,10 +162,11 @@ def _stage(
         trainable=trainable,
         optim=phase.optim,
         budget=phase.budget,
-        batch_size=exp.batch_size,
+        batch_size=phase.batch_size or exp.batch_size,
         scaling=scaling,
         storage=f"{exp.storage.rstrip('/')}/{exp.name}",
         data=data,
         s3=exp.s3,
         seed=exp.seed,
+        evaluate_at_start=phase.evaluate_at_start,
     )

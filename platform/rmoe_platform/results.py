@@ -51,6 +51,7 @@ SCHEMA = pa.schema(
         ("budget_epochs", pa.int64()),
         ("metric_name", pa.string()),
         ("metric", pa.float64()),
+        ("metrics", pa.string()),  # JSON: every validation metric (e.g. mIoU, aAcc; bbox/segm AP) and loss terms
         ("val_loss", pa.float64()),
         ("train_loss", pa.float64()),
         ("flops", pa.float64()),
@@ -64,6 +65,7 @@ SCHEMA = pa.schema(
         ("marginal_device_seconds", pa.float64()),
         ("marginal_dollars", pa.float64()),
         ("telemetry", pa.string()),  # JSON: MoE load, drop fraction, entropy, residual norms
+        ("history", pa.string()),  # JSON list: the stage's training reports over time (loss, lr, val_*, moe/*)
         ("config", pa.string()),  # JSON of the stage or experiment config
         ("checkpoint_uri", pa.string()),
         ("sweep_id", pa.string()),
@@ -138,7 +140,7 @@ def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"results: unknown column(s) {', '.join(unknown)}")
     out = {name: row.get(name) for name in SCHEMA.names}
     out["schema_version"] = SCHEMA_VERSION
-    for key in ("telemetry", "config"):
+    for key in ("telemetry", "config", "metrics", "history"):
         if out[key] is not None and not isinstance(out[key], str):
             out[key] = json.dumps(out[key], sort_keys=True, default=str)
     return out

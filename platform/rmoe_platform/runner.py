@@ -18,13 +18,11 @@ from rmoe_platform.accounting import SECONDS_PER_DAY, Cost, stage_cost, total
 from rmoe_platform.configtools import ConfigError
 from rmoe_platform.data import DatasetCheck, check_dataset, ensure_dataset
 from rmoe_platform.datasets.format import DatasetCard
-from rmoe_platform.experiment import ExperimentConfig
+from rmoe_platform.experiment import METRIC_NAMES, ExperimentConfig
 from rmoe_platform.pipelines import StageNode, plan_pipelines, shared_keys
 from rmoe_platform.results import ResultsStore
 from rmoe_platform.s3 import S3Access
 from rmoe_platform.stage import StageResult, run_stage
-
-METRIC = "accuracy"
 
 
 @dataclass
@@ -136,7 +134,7 @@ class ExperimentRunner:
             return StageOutcome(node, "skipped", "", error=f"parent {parent.node.key} {parent.status}")
         cached = self._cached(node)
         if cached is not None:
-            self.log(f"[{node.key}] cached (run {cached.run_id}, {METRIC} {_fmt(cached.metric)})")
+            self.log(f"[{node.key}] cached (run {cached.run_id}, {_metric_name(node)} {_fmt(cached.metric)})")
             return cached
         config = node.config
         if parent is not None:
@@ -154,12 +152,10 @@ class ExperimentRunner:
             self.log(f"[{node.key}] FAILED: {outcome.error}")
             return outcome
         cost = stage_cost(result.cost.train_flops, result.cost.device_seconds, result.cost.device_kind, self.exp.prices)
-        outcome = StageOutcome(
-            node, "succeeded", run_id, cost, result.metrics.get("val_accuracy"), result.checkpoint_uri
-        )
+        outcome = StageOutcome(node, "succeeded", run_id, cost, result.metric, result.checkpoint_uri)
         self.store.append([self._stage_row(outcome, result, pipelines, parent, started, None)])
         self.log(
-            f"[{node.key}] done in {result.cost.wall_seconds:.0f} s: {METRIC} {_fmt(outcome.metric)}, "
+            f"[{node.key}] done in {result.cost.wall_seconds:.0f} s: {result.metric_name} {_fmt(outcome.metric)}, "
             f"{cost.flops:.3g} FLOPs, {cost.device_seconds:.0f} device-s"
         )
         return outcome
@@ -190,12 +186,7 @@ class ExperimentRunner:
 
     # ---- rows ----------------------------------------------------------------------------------
     def _common(self) -> dict[str, Any]:
-        return {
-            "experiment": self.exp.name,
-            "git_commit": self.git_commit,
-            "task": "classification",
-            "arch": self.exp.arch,
-        }
+        return {"experiment": self.exp.name, "git_commit": self.git_commit, "arch": self.exp.arch}
 
     def _stage_row(
         self,
@@ -211,6 +202,7 @@ class ExperimentRunner:
         metrics = result.metrics if result else {}
         return {
             **self._common(),
+            "task": config.task,
             "row_type": "stage",
             "pipeline": ",".join(pipelines),
             "stage": node.key,
@@ -229,8 +221,9 @@ class ExperimentRunner:
             "residual_rank": moe.get("residual_rank"),
             "budget_steps": result.total_steps if result else config.budget.steps,
             "budget_epochs": config.budget.epochs,
-            "metric_name": METRIC,
+            "metric_name": _metric_name(node),
             "metric": outcome.metric,
+            "metrics": {k: v for k, v in metrics.items() if k.startswith(("val_", "loss/", "initial/"))},
             "val_loss": metrics.get("val_loss"),
             "train_loss": metrics.get("task_loss"),
             "flops": outcome.cost.flops,
@@ -241,6 +234,7 @@ class ExperimentRunner:
             "gpu_days": outcome.cost.gpu_days,
             "dollars": outcome.cost.dollars,
             "telemetry": {k: v for k, v in metrics.items() if k.startswith("moe/")},
+            "history": metrics.get("history"),
             "config": config.to_dict(),
             "checkpoint_uri": outcome.checkpoint_uri,
             "started_at": started,
@@ -269,6 +263,7 @@ class ExperimentRunner:
             rows.append(
                 {
                     **self._common(),
+                    "task": self.exp.downstream.task,
                     "row_type": "pipeline",
                     "pipeline": name,
                     "stage": last.node.key,
@@ -276,7 +271,7 @@ class ExperimentRunner:
                     "parent_run_id": last.run_id,
                     "status": "succeeded" if summary.ok else "failed",
                     "error": "; ".join(f"{s.node.key}: {s.error}" for s in summary.stages if s.error) or None,
-                    "metric_name": METRIC,
+                    "metric_name": self.exp.metric_name,
                     "metric": summary.metric,
                     "flops": cost.flops,
                     "device_seconds": cost.device_seconds,
@@ -298,7 +293,8 @@ class ExperimentRunner:
 def format_report(report: ExperimentReport) -> str:
     """The closing table: metric, total cost, Δ metric vs dense, cost ÷ the MoE pipeline's cost."""
     dense, moe = report.summaries.get("dense"), report.summaries.get("moe")
-    header = f"{'pipeline':<10}{METRIC:>10}{'FLOPs':>11}{'device-s':>10}{'dollars':>10}{'Δ vs dense':>12}"
+    metric = next((_metric_name(s.stages[-1].node) for s in report.summaries.values()), "accuracy")
+    header = f"{'pipeline':<10}{metric:>10}{'FLOPs':>11}{'device-s':>10}{'dollars':>10}{'Δ vs dense':>12}"
     header += f"{'time ÷ MoE':>12}{'FLOPs ÷ MoE':>13}  status"
     lines = [header, "-" * len(header)]
     for name, summary in report.summaries.items():
@@ -311,6 +307,10 @@ def format_report(report: ExperimentReport) -> str:
             f"{delta:>12}{time_ratio:>12}{flops_ratio:>13}  {'ok' if summary.ok else 'FAILED'}"
         )
     return "\n".join(lines)
+
+
+def _metric_name(node: StageNode) -> str:
+    return METRIC_NAMES[node.config.task]
 
 
 def _split_sizes(card: DatasetCard) -> str:

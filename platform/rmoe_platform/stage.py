@@ -20,7 +20,6 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from rmoe import cost as rmoe_cost
 from rmoe.upcycle import moe_layers
 from rmoe_platform import storage
 from rmoe_platform.checkpointing import STATE_FILE
@@ -30,6 +29,8 @@ from rmoe_platform.data import check_dataset, ensure_dataset, stage_data
 from rmoe_platform.datasets.ingest import OpenDataset
 from rmoe_platform.s3 import S3Access
 from rmoe_platform.stage_model import build_stage_model
+from rmoe_platform.tasks import task_for
+from rmoe_platform.tasks.classification import without_classes
 from rmoe_platform.train_loop import train_stage_worker
 from rmoe_platform.trainable import apply_trainable
 
@@ -59,6 +60,7 @@ class PreparedStage:
     train_flops_per_sample: float
     dataset: OpenDataset
     access: S3Access
+    metric_name: str
 
     @property
     def num_train(self) -> int:
@@ -77,6 +79,12 @@ class StageResult:
     checkpoint_uri: str | None
     cost: StageCost
     total_steps: int
+    metric_name: str = "accuracy"
+
+    @property
+    def metric(self) -> float | None:
+        """The validation value of `metric_name` (accuracy, mIoU, bbox_mAP)."""
+        return self.metrics.get("val_metric")
 
 
 def prepare_stage(config: StageConfig, access: S3Access | None = None) -> PreparedStage:
@@ -88,23 +96,30 @@ def prepare_stage(config: StageConfig, access: S3Access | None = None) -> Prepar
     access = access or S3Access.resolve(config.s3)
     storage.check_writable(config.storage, field="stage.storage", s3=access)
     checked = check_dataset(config.data, access, field="stage.data")
-    if checked.task != "classification":
+    if checked.task != config.task:
         raise ConfigError(
-            f"stage.data.uri: training stages take classification data; {config.data.uri!r} is {checked.task}"
+            f"stage.data.uri: a {config.task} stage needs {config.task} data; {config.data.uri!r} is {checked.task}"
         )
+    try:
+        task = task_for(config.task)
+    except ImportError as err:
+        raise ConfigError(f"stage.task: {err}") from None
     config = _resolve_classes(config, checked.num_classes)
     if config.batch_size > checked.num_train:
         raise ConfigError(
             f"stage.batch_size: {config.batch_size} exceeds the {checked.num_train} train rows of {config.data.uri!r}"
         )
+    stats = checked.opened.card.stats if checked.opened is not None else None
+    image_stats = (stats.mean, stats.std) if stats is not None else ((0.5,) * 3, (0.25,) * 3)
     parent_uri = config.model.parent_checkpoint
     with tempfile.TemporaryDirectory() as tmp:
         parent = _fetch_parent_spec(parent_uri, Path(tmp), access) if parent_uri else None
         try:
-            model, spec = build_stage_model(config, parent=parent, load=False)
+            trunk, _ = build_stage_model(without_classes(config), parent=parent, load=False)
+            config = _resolve_img_size(config, trunk, strict=config.task == "classification")
+            model, spec = task.build(config, image_stats, parent=parent, load=False)
         except ValueError as err:
             raise ConfigError(f"stage.model: {err}") from None
-    config = _resolve_img_size(config, model)
     try:
         apply_trainable(model, config.trainable, freeze_core=spec.moe.freeze_core if spec.moe else True)
     except ValueError as err:
@@ -115,9 +130,9 @@ def prepare_stage(config: StageConfig, access: S3Access | None = None) -> Prepar
             raise ConfigError(
                 f"stage.scaling.expert_parallel_size: {ep} does not divide num_experts ({layer.num_experts}) of {name}"
             )
-    breakdown = rmoe_cost.flops_per_image(model)
+    flops = task.train_flops_per_sample(model, config)
     dataset = ensure_dataset(config.data, access, "stage.data", checked)  # written only once all else is valid
-    return PreparedStage(config, parent_uri, breakdown.forward + breakdown.backward, dataset, access)
+    return PreparedStage(config, parent_uri, flops, dataset, access, task.metric_name)
 
 
 def _resolve_classes(config: StageConfig, dataset_classes: int) -> StageConfig:
@@ -129,15 +144,19 @@ def _resolve_classes(config: StageConfig, dataset_classes: int) -> StageConfig:
     return replace(config, model=replace(config.model, num_classes=dataset_classes))
 
 
-def _resolve_img_size(config: StageConfig, model: nn.Module) -> StageConfig:
+def _resolve_img_size(config: StageConfig, model: nn.Module, *, strict: bool) -> StageConfig:
+    """Default the input size to the model's; a classification model with a fixed input size must get
+    that size (dense-prediction stages rebuild the trunk at their size, resampling position embeddings)."""
     native = timm.data.resolve_model_data_config(model)["input_size"][-1]
     size = config.data.img_size or native
-    strict = getattr(getattr(model, "patch_embed", None), "strict_img_size", False)
-    if strict and size != native:
+    fixed = getattr(getattr(model, "patch_embed", None), "strict_img_size", False)
+    if strict and fixed and size != native:
         raise ConfigError(
             f"stage.data.img_size: {size} differs from the {native}px input of {config.model.arch} "
             "(set model.kwargs.img_size to match)"
         )
+    if config.task == "detection" and size % 32:
+        raise ConfigError(f"stage.data.img_size: detection needs a multiple of 32 (FPN strides), got {size}")
     return replace(config, data=replace(config.data, img_size=size))
 
 
@@ -159,7 +178,7 @@ def run_stage(
         raise ConfigError(f"resume_from: no training checkpoint at {resume_from!r}")
     _check_cpus_left_for_ingest(config)
     run_name = run_name or f"{config.name}-{uuid.uuid4().hex[:8]}"
-    data = stage_data(prepared.dataset, config.data, config.data.img_size, config.seed)
+    data = stage_data(prepared.dataset, config.task, config.data, config.data.img_size, config.seed)
     try:
         trainer = TorchTrainer(
             train_stage_worker,
@@ -169,6 +188,7 @@ def run_stage(
                 "resume_from": resume_from,
                 "num_train": prepared.num_train,
                 "image_stats": (prepared.dataset.card.stats.mean, prepared.dataset.card.stats.std),
+                "classes": list(prepared.dataset.card.classes),
                 "s3": access,
             },
             scaling_config=ScalingConfig(
@@ -204,7 +224,7 @@ def run_stage(
         samples=samples,
     )
     checkpoint_uri = _checkpoint_uri(config.storage, result.checkpoint.path) if result.checkpoint else None
-    return StageResult(config.name, run_name, metrics, checkpoint_uri, cost, prepared.total_steps)
+    return StageResult(config.name, run_name, metrics, checkpoint_uri, cost, prepared.total_steps, prepared.metric_name)
 
 
 def _check_cpus_left_for_ingest(config: StageConfig) -> None:

@@ -75,4 +75,4 @@ class LocalDispatcher(TokenDispatcher):
         assert isinstance(state, LocalDispatchState)
         T, K = state.num_tokens, state.top_k
         y_TKO = y_NO.new_zeros(T * K, y_NO.shape[-1]).index_copy(0, state.slot_order_N, y_NO)
-        return y_TKO.view(T, K, -1)
+        return y_TKO.view(T, K, y_NO.shape[-1])

@@ -46,10 +46,11 @@ class PaddedLayout(GroupedLayout):
 
     def pack(self, x_NI: torch.Tensor) -> torch.Tensor:
         E, C = self.num_experts, self.capacity
-        return x_NI.new_zeros(E * C, x_NI.shape[-1]).index_copy(0, self.flat_N, x_NI).view(E, C, -1)
+        width = x_NI.shape[-1]  # explicit, not -1: a rank may receive no rows at all (C = 0)
+        return x_NI.new_zeros(E * C, width).index_copy(0, self.flat_N, x_NI).view(E, C, width)
 
     def unpack(self, y: torch.Tensor) -> torch.Tensor:
-        return y.reshape(self.num_experts * self.capacity, -1).index_select(0, self.flat_N)
+        return y.reshape(self.num_experts * self.capacity, y.shape[-1]).index_select(0, self.flat_N)
 
     def linear(self, x, w_EIO, b_EO):  # type: ignore[override]
         w_EIO = w_EIO.to(x.dtype)

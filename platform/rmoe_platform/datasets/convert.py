@@ -151,8 +151,10 @@ def coco(root: Path, name: str, *, splits: dict[str, str] | None = None, shard_r
         elif [c["id"] for c in cats] != [c["id"] for c in categories]:
             raise SourceError(f"{path}: categories differ from the {next(iter(splits))} split's")
         label_of = {c["id"]: i for i, c in enumerate(categories)}
+        image_ids = {img["id"] for img in images}
         by_image: dict[int, list[dict[str, Any]]] = {}
         for ann in annotations:
+            _check_annotation(ann, image_ids, label_of, path)
             if ann.get("iscrowd", 0):
                 crowd += 1
                 continue
@@ -170,6 +172,19 @@ def coco(root: Path, name: str, *, splits: dict[str, str] | None = None, shard_r
     source = {"kind": "convert", "format": "coco", "root": str(root), "splits": splits, "crowd_skipped": crowd}
     plan = _plan(name, "detection", classes, items, source, shard_rows)
     return Conversion(plan, items, "coco", {})
+
+
+def _check_annotation(ann: dict[str, Any], image_ids: set[int], label_of: dict[int, int], path: Path) -> None:
+    """An annotation must name a listed image and category and carry a 4-number bbox (boxes reaching
+    outside their image are kept here and clipped at ingest)."""
+    where = f"{path}: annotation {ann.get('id', '?')}"
+    if ann.get("image_id") not in image_ids:
+        raise SourceError(f"{where} refers to image_id {ann.get('image_id')!r}, which is not in the file's images")
+    if ann.get("category_id") not in label_of:
+        raise SourceError(f"{where} has category_id {ann.get('category_id')!r}, which is not in the file's categories")
+    bbox = ann.get("bbox")
+    if not isinstance(bbox, list) or len(bbox) != 4:
+        raise SourceError(f"{where} has no [x, y, w, h] bbox (got {bbox!r})")
 
 
 def _coco_row(item: tuple[str, dict[str, Any], list[Any]], index: int, extra: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from rmoe_platform import storage
 from rmoe_platform.configtools import ConfigError
 from rmoe_platform.datasets import transforms as T
 from rmoe_platform.datasets.codec import DecodeError, decode_image, decode_mask, instance_mask_decode
-from rmoe_platform.datasets.format import CARD_FILE, DatasetCard, FormatError, check_schema
+from rmoe_platform.datasets.format import CARD_FILE, IGNORE_INDEX, DatasetCard, FormatError, check_schema
 from rmoe_platform.datasets.writer import read_card
 from rmoe_platform.s3 import S3Access, explain_error
 
@@ -210,40 +210,69 @@ class DecodeBatch:
         return {"image": self._image(image), "label": int(row["label"]), "id": int(row["id"])}
 
     def _segmentation(self, row: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        """eval keeps the mask at its original size (mIoU is measured there, predictions resized to it)."""
         image, mask = decode_image(row["image"]), decode_mask(row["mask"])
         if mask.shape != image.shape[:2]:
             raise DecodeError(f"mask {list(mask.shape)} and image {list(image.shape[:2])} differ in size")
+        num_classes = self.opened.card.num_classes
+        labelled = mask[mask != IGNORE_INDEX]
+        if labelled.size and int(labelled.max()) >= num_classes:
+            raise DecodeError(
+                f"mask has class id {int(labelled.max())}, beyond the dataset's {num_classes} classes "
+                f"(ids 0..{num_classes - 1}, {IGNORE_INDEX} = ignore)"
+            )
+        out: dict[str, Any] = {"id": int(row["id"])}
         if self.spec.mode == "train":
             image, mask = T.segmentation_train(image, mask, self.spec.size, self.spec.augment, rng)
         elif self.spec.mode == "eval":
-            image, mask = T.segmentation_eval(image, mask, self.spec.size)
-        return {"image": self._image(image), "mask": mask, "id": int(row["id"])}
+            image = T.resize(image, self.spec.size, self.spec.size)
+        return {**out, "image": self._image(image), "mask": mask}
 
     def _detection(self, row: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        """Boxes are clipped to the image; one left under 1 px wide or high is dropped with its label and
+        mask. Labels beyond the class list make the row undecodable. train/eval rows carry `shape`, the
+        resized content's (h, w) inside the padded square; eval rows also the original size and the
+        original (clipped) boxes and mask annotations, for COCO-style evaluation at the original scale."""
         image = decode_image(row["image"])
         h, w = image.shape[:2]
         if (h, w) != (int(row["height"]), int(row["width"])):
             raise DecodeError(f"image is {w}x{h}, the row says {row['width']}x{row['height']}")
         boxes = np.asarray([list(b) for b in row["boxes"]], dtype=np.float32).reshape(-1, 4)
         labels = np.asarray(row["labels"], dtype=np.int64)
-        masks = np.asarray([instance_mask_decode(m, h, w) for m in row["masks"]], dtype=np.uint8).reshape(-1, h, w)
-        if not len(boxes) == len(labels) == len(masks):
-            raise DecodeError(f"{len(boxes)} boxes, {len(labels)} labels and {len(masks)} masks differ in number")
+        mask_json = list(row["masks"])
+        if not len(boxes) == len(labels) == len(mask_json):
+            raise DecodeError(f"{len(boxes)} boxes, {len(labels)} labels and {len(mask_json)} masks differ in number")
+        num_classes = self.opened.card.num_classes
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise DecodeError(f"label {int(labels.max())} is outside the dataset's {num_classes} classes")
+        boxes, keep = T.clip_boxes(boxes, h, w)
+        boxes, labels = boxes[keep], labels[keep]
+        mask_json = [m for m, k in zip(mask_json, keep, strict=True) if k]
+        masks = np.asarray([instance_mask_decode(m, h, w) for m in mask_json], dtype=np.uint8).reshape(-1, h, w)
+        out: dict[str, Any] = {"id": int(row["id"])}
         if self.spec.mode == "train":
-            image, boxes, masks = T.detection_train(image, boxes, masks, self.spec.size, self.spec.augment, rng)
+            image_out, boxes_out, masks_out, shape = T.detection_train(
+                image, boxes, masks, self.spec.size, self.spec.augment, rng
+            )
+            out["shape"] = np.asarray(shape, dtype=np.int64)
         elif self.spec.mode == "eval":
-            image, boxes, masks = T.detection_resize(image, boxes, masks, self.spec.size)
-        return {"image": self._image(image), "boxes": boxes, "labels": labels, "masks": masks, "id": int(row["id"])}
+            image_out, boxes_out, masks_out = T.detection_resize(image, boxes, masks, self.spec.size)
+            out["shape"] = np.asarray(T.detection_content_shape(h, w, self.spec.size), dtype=np.int64)
+            out.update(ori_shape=np.asarray((h, w), dtype=np.int64), gt_boxes=boxes, gt_masks=mask_json)
+        else:
+            image_out, boxes_out, masks_out = image, boxes, masks
+        return {**out, "image": self._image(image_out), "boxes": boxes_out, "labels": labels, "masks": masks_out}
 
 
 def _stack(rows: list[dict[str, Any]], spec: DecodeSpec) -> dict[str, np.ndarray]:
-    """Rows → columns: fixed-shape fields stacked, per-instance fields as object arrays (ragged)."""
-    ragged = {"boxes", "labels", "masks"} if spec.task == "detection" else set()
+    """Rows → columns: fixed-shape fields stacked, per-row variable ones (instances, original-size masks,
+    raw pixels in decode mode) as object arrays."""
+    names = ["image", "id", *TASK_FIELDS[spec.task].get(spec.mode, TASK_FIELDS[spec.task]["decode"])]
+    ragged = set(RAGGED_FIELDS[spec.task])
     if spec.mode == "decode":
         ragged |= {"image", "mask"}
-    names = ["image", "id", *{"classification": ["label"], "segmentation": ["mask"]}.get(spec.task, [])]
-    if spec.task == "detection":
-        names += ["boxes", "labels", "masks"]
+    elif spec.mode == "eval" and spec.task == "segmentation":
+        ragged.add("mask")
     out: dict[str, np.ndarray] = {}
     for name in names:
         values = [row[name] for row in rows]
@@ -254,6 +283,23 @@ def _stack(rows: list[dict[str, Any]], spec: DecodeSpec) -> dict[str, np.ndarray
         else:
             out[name] = np.asarray(values) if values else np.empty((0,), dtype=np.int64)
     return out
+
+
+# per task and mode: the fields a decoded row has besides image and id
+TASK_FIELDS: dict[str, dict[str, list[str]]] = {
+    "classification": {"decode": ["label"]},
+    "segmentation": {"decode": ["mask"]},
+    "detection": {
+        "decode": ["boxes", "labels", "masks"],
+        "train": ["boxes", "labels", "masks", "shape"],
+        "eval": ["boxes", "labels", "masks", "shape", "ori_shape", "gt_boxes", "gt_masks"],
+    },
+}
+RAGGED_FIELDS = {
+    "classification": (),
+    "segmentation": (),
+    "detection": ("boxes", "labels", "masks", "gt_boxes", "gt_masks"),
+}
 
 
 def read_split(
@@ -300,7 +346,29 @@ def create_ledger(opened: OpenDataset, max_bad_fraction: float, splits: tuple[st
 
 class DetectionCollate(NumpyBatchCollateFn):
     """`iter_torch_batches(collate_fn=DetectionCollate())`: images stacked, per-image targets as lists
-    (Ray cannot turn ragged columns into one tensor)."""
+    (Ray cannot turn ragged columns into one tensor); eval's original annotations pass through."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        out: dict[str, Any] = {
+            "image": torch.as_tensor(np.stack(list(batch["image"]))),
+            "id": torch.as_tensor(np.asarray(batch["id"], dtype=np.int64)),
+            "boxes": [torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1, 4)) for b in batch["boxes"]],
+            "labels": [torch.as_tensor(np.asarray(lab, dtype=np.int64)) for lab in batch["labels"]],
+            "masks": [torch.as_tensor(np.asarray(m, dtype=np.uint8)) for m in batch["masks"]],
+        }
+        for name in ("shape", "ori_shape"):
+            if name in batch:
+                out[name] = torch.as_tensor(np.asarray(batch[name], dtype=np.int64))
+        if "gt_boxes" in batch:
+            out["gt_boxes"] = [np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in batch["gt_boxes"]]
+            out["gt_masks"] = [list(m) for m in batch["gt_masks"]]
+        return out
+
+
+class SegmentationEvalCollate(NumpyBatchCollateFn):
+    """Validation batches of a segmentation split: images stacked, masks at their original sizes (a list)."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
@@ -308,7 +376,5 @@ class DetectionCollate(NumpyBatchCollateFn):
         return {
             "image": torch.as_tensor(np.stack(list(batch["image"]))),
             "id": torch.as_tensor(np.asarray(batch["id"], dtype=np.int64)),
-            "boxes": [torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1, 4)) for b in batch["boxes"]],
-            "labels": [torch.as_tensor(np.asarray(lab, dtype=np.int64)) for lab in batch["labels"]],
-            "masks": [torch.as_tensor(np.asarray(m, dtype=np.uint8)) for m in batch["masks"]],
+            "mask": [torch.as_tensor(np.asarray(m, dtype=np.uint8)) for m in batch["mask"]],
         }

@@ -104,13 +104,19 @@ def segmentation_eval(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[n
 
 
 # ---- detection ------------------------------------------------------------------------------------
+def detection_content_shape(height: int, width: int, size: int, scale: float = 1.0) -> tuple[int, int]:
+    """(h, w) of an image after `detection_resize`'s keep-ratio resize, before padding."""
+    factor = size * min(scale, 1.0) / max(height, width)
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
 def detection_resize(
     image: np.ndarray, boxes: np.ndarray, masks: np.ndarray, size: int, scale: float = 1.0, flip: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Keep-ratio resize (longer side = size·scale, scale <= 1), optional flip, pad to size x size."""
+    """Keep-ratio resize (longer side = size·scale, scale <= 1), optional flip, pad to size x size
+    (content top-left: `detection_content_shape` gives its extent)."""
     h, w = image.shape[:2]
-    factor = size * min(scale, 1.0) / max(h, w)
-    nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
+    nh, nw = detection_content_shape(h, w, size, scale)
     image = resize(image, nh, nw)
     masks = np.stack([resize(m, nh, nw, nearest=True) for m in masks]) if len(masks) else masks.reshape(0, nh, nw)
     boxes = boxes * np.array([nw / w, nh / h, nw / w, nh / h], dtype=np.float32)
@@ -126,6 +132,18 @@ def detection_resize(
 
 def detection_train(
     image: np.ndarray, boxes: np.ndarray, masks: np.ndarray, size: int, aug: AugmentSpec, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+    """Random keep-ratio scale (within `resize_range`, at most 1) and flip; returns the content shape too."""
     scale = rng.uniform(min(aug.resize_range[0], 1.0), min(aug.resize_range[1], 1.0))
-    return detection_resize(image, boxes, masks, size, scale, flip=aug.hflip and rng.random() < 0.5)
+    image_out, boxes, masks = detection_resize(image, boxes, masks, size, scale, flip=aug.hflip and rng.random() < 0.5)
+    return image_out, boxes, masks, detection_content_shape(*image.shape[:2], size, scale)
+
+
+def clip_boxes(boxes: np.ndarray, height: int, width: int, min_size: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes clipped to the image, and which to keep: a box left with less than `min_size` px of width or
+    height inside the image (wholly outside, or degenerate) is dropped with its label and mask."""
+    clipped = boxes.copy()
+    clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
+    clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
+    keep = ((clipped[:, 2] - clipped[:, 0]) >= min_size) & ((clipped[:, 3] - clipped[:, 1]) >= min_size)
+    return clipped, keep

@@ -1,0 +1,99 @@
+"""Validation metrics of dense-prediction stages with OpenMMLab's own metrics, across Ray Train workers.
+
+Segmentation: mmseg's `IoUMetric`; each worker sums its per-image areas (intersection, union,
+prediction, label: plain sums), the sums are all-reduced and the metric computed from them.
+Detection: mmdet's `CocoMetric` (bbox and segm AP, ground truth from the samples' original
+annotations); COCO AP is not a sum, so per-image results are gathered to every rank and evaluated there.
+Metrics are fractions in [0, 1] (mmseg reports percentages; they are divided by 100).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from mmdet.evaluation.metrics import CocoMetric
+from mmengine.logging import MMLogger
+from mmseg.evaluation.metrics import IoUMetric
+
+
+class SegmentationEvaluator:
+    """mIoU (primary), mAcc and aAcc over every image the workers saw."""
+
+    metric_name = "mIoU"
+
+    def __init__(self, classes: Sequence[str]) -> None:
+        self.metric = IoUMetric(iou_metrics=["mIoU"])
+        self.metric.dataset_meta = {"classes": list(classes)}
+        self.areas = torch.zeros(4, len(classes), dtype=torch.float64)
+
+    def process(self, data_samples: Sequence[Any]) -> None:
+        """Samples carrying `pred_sem_seg` and `gt_sem_seg` (at the original size)."""
+        self.metric.results.clear()
+        self.metric.process({}, [sample.to_dict() for sample in data_samples])
+        for result in self.metric.results:
+            self.areas += torch.stack([area.to(torch.float64).cpu() for area in result])
+        self.metric.results.clear()
+
+    def compute(self) -> dict[str, float]:
+        areas = self.areas.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(areas)
+        with _quiet():
+            metrics = self.metric.compute_metrics([tuple(areas)])
+        return {name: float(metrics[name]) / 100.0 for name in ("mIoU", "mAcc", "aAcc")}
+
+
+class DetectionEvaluator:
+    """COCO bbox and segm AP (primary: bbox_mAP), at the original image scale."""
+
+    metric_name = "bbox_mAP"
+    keys = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "segm_mAP_50", "segm_mAP_75")
+
+    def __init__(self, classes: Sequence[str]) -> None:
+        self.classes = list(classes)
+        self.results: list[Any] = []
+
+    def process(self, data_samples: Sequence[Any]) -> None:
+        """Samples carrying `pred_instances` (rescaled to the original size) and `instances` (COCO GT)."""
+        metric = self._metric(None)
+        metric.process({}, [sample.to_dict() for sample in data_samples])
+        self.results.extend(metric.results)
+
+    def compute(self) -> dict[str, float]:
+        results = self.results
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(gathered, results)
+            results = [item for part in gathered for item in part]
+        if not results:
+            return dict.fromkeys(self.keys, 0.0)
+        with tempfile.TemporaryDirectory() as tmp, _quiet():
+            metrics = self._metric(f"{tmp}/coco").compute_metrics(results)
+        # an empty prediction set makes CocoMetric skip the metric: that is AP 0
+        return {key: max(float(metrics.get(key, 0.0)), 0.0) for key in self.keys}
+
+    def _metric(self, outfile_prefix: str | None) -> CocoMetric:
+        metric = CocoMetric(metric=["bbox", "segm"], outfile_prefix=outfile_prefix)
+        metric.dataset_meta = {"classes": self.classes}
+        return metric
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The metrics print per-class tables and COCO summaries (stdout, mmengine's logger): the numbers
+    that matter are returned and reported; the tables would drown the stage's log."""
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)

@@ -1,0 +1,72 @@
+"""The interface between the stage machinery (driver and Train workers) and one task."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rmoe import ModelSpec
+from rmoe.telemetry import MoEAuxSummary
+from rmoe_platform.config import StageConfig
+
+ImageStats = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+@dataclass
+class StepOutput:
+    """One training batch's result: the task loss (MoE aux excluded), the aux summary, and the task's
+    loss components for the logs."""
+
+    task_loss: torch.Tensor
+    aux: MoEAuxSummary
+    components: dict[str, float] = field(default_factory=dict)
+
+
+class StageTask(ABC):
+    name: str
+    metric_name: str  # the validation metric reported as `val_metric` (higher is better)
+
+    @abstractmethod
+    def build(
+        self,
+        config: StageConfig,
+        image_stats: ImageStats,
+        *,
+        parent: Path | None = None,
+        resume: Path | None = None,
+        load: bool = True,
+    ) -> tuple[nn.Module, ModelSpec]:
+        """The model the stage trains and the trunk spec its checkpoints carry."""
+
+    @abstractmethod
+    def trunk(self, model: nn.Module) -> nn.Module:
+        """The timm model (dense or MoE) inside what `build` returned."""
+
+    @abstractmethod
+    def collate_fn(self, split: str) -> Callable[[dict[str, Any]], Any] | None:
+        """`iter_torch_batches` collate function for the split (None: Ray's default)."""
+
+    @abstractmethod
+    def step(self, model: nn.Module, batch: Any, device: torch.device) -> StepOutput:
+        """Forward one training batch (model in train mode)."""
+
+    @abstractmethod
+    def evaluate(
+        self, model: nn.Module, batches: Iterable[Any], device: torch.device, classes: tuple[str, ...]
+    ) -> dict[str, float]:
+        """Validation metrics over this worker's batches, combined across workers; includes
+        `val_metric` (the value of `metric_name`) and `val_samples`."""
+
+    @abstractmethod
+    def train_flops_per_sample(self, model: nn.Module, config: StageConfig) -> float:
+        """Forward + backward FLOPs of one training image (the trainable set already applied)."""
+
+    def checkpoint_metadata(self, config: StageConfig) -> dict[str, str]:
+        """Extra safetensors metadata saying how to rebuild the checkpoint's model."""
+        return {"rmoe_task": self.name}

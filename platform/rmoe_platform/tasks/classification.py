@@ -1,0 +1,89 @@
+"""Image classification: the timm model itself, cross-entropy, top-1 accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import rmoe
+from rmoe import ModelSpec
+from rmoe import cost as rmoe_cost
+from rmoe_platform.config import StageConfig
+from rmoe_platform.data import Normalizer
+from rmoe_platform.stage_model import build_stage_model
+from rmoe_platform.tasks.base import ImageStats, StageTask, StepOutput
+
+
+class ClassificationTask(StageTask):
+    name = "classification"
+    metric_name = "accuracy"
+
+    def __init__(self) -> None:
+        self.normalize: Normalizer | None = None
+
+    def build(
+        self,
+        config: StageConfig,
+        image_stats: ImageStats,
+        *,
+        parent: Path | None = None,
+        resume: Path | None = None,
+        load: bool = True,
+    ) -> tuple[nn.Module, ModelSpec]:
+        self.image_stats = image_stats
+        return build_stage_model(config, parent=parent, resume=resume, load=load)
+
+    def trunk(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def collate_fn(self, split: str) -> Callable[[dict[str, Any]], Any] | None:
+        return None
+
+    def _tensors(self, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.normalize is None or self.normalize.scale.device != device:
+            self.normalize = Normalizer(*self.image_stats, device)
+        return self.normalize(batch["image"]), batch["label"].to(device, torch.long)
+
+    def step(self, model: nn.Module, batch: Any, device: torch.device) -> StepOutput:
+        images, labels = self._tensors(batch, device)
+        logits, aux = rmoe.forward_with_aux(model, images)
+        return StepOutput(nn.functional.cross_entropy(logits, labels), aux)
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, batches: Iterable[Any], device: torch.device, classes: tuple[str, ...]
+    ) -> dict[str, float]:
+        totals = torch.zeros(3, dtype=torch.float64)
+        for batch in batches:
+            images, labels = self._tensors(batch, device)
+            logits = model(images)
+            rmoe.collect_moe_aux(model)
+            totals += torch.tensor(
+                [
+                    float(nn.functional.cross_entropy(logits, labels, reduction="sum")),
+                    float((logits.argmax(-1) == labels).sum()),
+                    float(len(labels)),
+                ],
+                dtype=torch.float64,
+            )
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(totals)
+        count = max(totals[2].item(), 1.0)
+        accuracy = totals[1].item() / count
+        loss = totals[0].item() / count
+        return {"val_loss": loss, "val_accuracy": accuracy, "val_metric": accuracy, "val_samples": count}
+
+    def train_flops_per_sample(self, model: nn.Module, config: StageConfig) -> float:
+        breakdown = rmoe_cost.flops_per_image(model)
+        return breakdown.forward + breakdown.backward
+
+
+def without_classes(config: StageConfig) -> StageConfig:
+    """The stage config with no classifier swap (dense-prediction heads own the label set)."""
+    return replace(config, model=replace(config.model, num_classes=None))

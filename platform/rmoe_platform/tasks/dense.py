@@ -1,0 +1,163 @@
+"""Semantic segmentation (mmseg UperNet) and instance segmentation/detection (mmdet Mask R-CNN) on the
+stage's (RMoE) model as backbone. The stage's trunk (fresh, from the parent checkpoint, upcycled) is
+built by the classification machinery, rebuilt at the task's input size inside the mm model, and its
+weights carried over; the mm model computes its own losses and the MoE aux loss is added."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import rmoe
+from rmoe import ModelSpec
+from rmoe import cost as rmoe_cost
+from rmoe.checkpoint import load_weights
+from rmoe_platform.checkpointing import checkpoint_spec, load_model_state
+from rmoe_platform.config import StageConfig
+from rmoe_platform.datasets.ingest import DetectionCollate, SegmentationEvalCollate
+from rmoe_platform.mm.backbones import RMoEBackbone, load_trunk_weights
+from rmoe_platform.mm.build import build_dense_model, mm_scope
+from rmoe_platform.mm.evaluation import DetectionEvaluator, SegmentationEvaluator
+from rmoe_platform.mm.models import AUX_LOSS_KEY
+from rmoe_platform.mm.samples import MMInputs, detection_inputs, segmentation_inputs
+from rmoe_platform.stage_model import build_stage_model
+from rmoe_platform.tasks.base import ImageStats, StageTask, StepOutput
+from rmoe_platform.tasks.classification import without_classes
+
+
+class DenseTask(StageTask):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.evaluator_type = SegmentationEvaluator if name == "segmentation" else DetectionEvaluator
+        self.metric_name = self.evaluator_type.metric_name
+
+    # ---- model ----
+    def build(
+        self,
+        config: StageConfig,
+        image_stats: ImageStats,
+        *,
+        parent: Path | None = None,
+        resume: Path | None = None,
+        load: bool = True,
+    ) -> tuple[nn.Module, ModelSpec]:
+        size, num_classes = config.data.img_size, config.model.num_classes
+        assert size is not None and num_classes is not None  # resolved by prepare_stage
+        self.image_stats = image_stats
+        if resume is not None:
+            spec = checkpoint_spec(resume)
+            model = build_dense_model(self.name, spec, num_classes, config.head, image_stats, size)
+            if load:
+                load_weights(model, load_model_state(resume), source=f"checkpoint {resume}")
+            return model, spec
+        trunk, spec = build_stage_model(without_classes(config), parent=parent, load=load)
+        sized = ModelSpec(spec.arch, {**spec.model_kwargs, "img_size": size}, spec.moe_layers, spec.moe)
+        model = build_dense_model(self.name, sized, num_classes, config.head, image_stats, size)
+        source = f"parent checkpoint {parent}" if parent is not None else "the stage's fresh model"
+        load_trunk_weights(self.trunk(model), trunk.state_dict(), source)
+        return model, self._backbone(model).spec
+
+    def trunk(self, model: nn.Module) -> nn.Module:
+        return self._backbone(model).trunk
+
+    @staticmethod
+    def _backbone(model: nn.Module) -> RMoEBackbone:
+        backbone = model.backbone
+        assert isinstance(backbone, RMoEBackbone)
+        return backbone
+
+    def checkpoint_metadata(self, config: StageConfig) -> dict[str, str]:
+        return {
+            "rmoe_task": self.name,
+            "rmoe_head": json.dumps(asdict(config.head)),
+            "rmoe_num_classes": str(config.model.num_classes),
+            "rmoe_img_size": str(config.data.img_size),
+            "rmoe_image_stats": json.dumps(self.image_stats),
+        }
+
+    # ---- data ----
+    def collate_fn(self, split: str) -> Callable[[dict[str, Any]], Any] | None:
+        if self.name == "detection":
+            return DetectionCollate()
+        return SegmentationEvalCollate() if split == "val" else None
+
+    def inputs(self, batch: dict[str, Any]) -> MMInputs:
+        return segmentation_inputs(batch) if self.name == "segmentation" else detection_inputs(batch)
+
+    # ---- training and evaluation ----
+    def step(self, model: nn.Module, batch: Any, device: torch.device) -> StepOutput:
+        with mm_scope(self.name):
+            data = model.data_preprocessor(self.inputs(batch), True)
+            losses = model.loss(data["inputs"], data["data_samples"])
+        aux = model.last_moe_aux
+        losses.pop(AUX_LOSS_KEY)  # the train loop adds aux.loss itself, as for classification
+        task_loss, log_vars = model.parse_losses(losses)
+        components = {f"loss/{k}": float(v) for k, v in log_vars.items() if k != "loss"}
+        return StepOutput(task_loss, aux, components)
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, batches: Iterable[Any], device: torch.device, classes: tuple[str, ...]
+    ) -> dict[str, float]:
+        evaluator = self.evaluator_type(classes)
+        count = torch.zeros((), dtype=torch.float64)
+        for batch in batches:
+            with mm_scope(self.name):
+                data = model.data_preprocessor(self.inputs(batch), False)
+                outputs = model.predict(data["inputs"], data["data_samples"])
+            rmoe.collect_moe_aux(model)
+            evaluator.process(outputs)
+            count += len(outputs)
+        metrics = evaluator.compute()
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(count)
+        out = {f"val_{name}": value for name, value in metrics.items()}
+        out.update(val_metric=metrics[self.metric_name], val_samples=float(count))
+        return out
+
+    # ---- cost ----
+    def train_flops_per_sample(self, model: nn.Module, config: StageConfig) -> float:
+        """The trunk analytically (as for classification: MoE routing, frozen parts), plus the feature
+        pyramid, neck and heads measured with torch's FLOP counter on one image (x3 for forward and
+        backward; Mask R-CNN's RoI heads measured at the test-time proposal count)."""
+        trunk = rmoe_cost.flops_per_image(self.trunk(model))
+        size = config.data.img_size
+        assert size is not None
+        return trunk.forward + trunk.backward + 3.0 * self._head_forward_flops(model, size)
+
+    def _head_forward_flops(self, model: nn.Module, size: int) -> float:
+        was_training = model.training
+        model.eval()
+        image = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
+        samples = self.inputs(_blank_batch(self.name, size))["data_samples"]
+        try:
+            with torch.no_grad(), mm_scope(self.name):
+                with FlopCounterMode(display=False) as whole:
+                    model(image, samples, mode="tensor")
+                with FlopCounterMode(display=False) as trunk_only:
+                    self._backbone(model).trunk_features(image)
+        finally:
+            rmoe.collect_moe_aux(model)
+            model.train(was_training)
+        return float(max(whole.get_total_flops() - trunk_only.get_total_flops(), 0))
+
+
+def _blank_batch(task: str, size: int) -> dict[str, Any]:
+    """One empty image's targets, enough metainfo for a tensor-mode forward."""
+    if task == "segmentation":
+        return {"image": torch.zeros(1, 3, size, size, dtype=torch.uint8), "id": [0], "mask": [torch.zeros(size, size)]}
+    return {
+        "image": torch.zeros(1, 3, size, size, dtype=torch.uint8),
+        "id": [0],
+        "shape": [(size, size)],
+        "boxes": [torch.zeros(0, 4)],
+        "labels": [torch.zeros(0, dtype=torch.long)],
+        "masks": [torch.zeros(0, size, size, dtype=torch.uint8)],
+    }
