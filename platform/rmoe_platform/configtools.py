@@ -74,3 +74,16 @@ def check(condition: bool, message: str) -> None:
     """Raise a ValueError (turned into a path-prefixed ConfigError by `from_dict`) unless `condition`."""
     if not condition:
         raise ValueError(message)
+
+
+def set_path(data: dict[str, Any], path: str, value: Any, where: str) -> None:
+    """Set the dotted `path` (`a.b.c`) in a nested mapping, creating mappings on the way; `where`
+    prefixes the error when a step of the path is not a mapping."""
+    node = data
+    parts = path.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {part} is not a mapping")
+        node = child
+    node[parts[-1]] = value

@@ -11,7 +11,7 @@ import yaml
 
 from rmoe import MoEConfig
 from rmoe_platform.config import TASKS, BudgetConfig, DataSpec, HeadConfig, OptimConfig, ScalingSpec
-from rmoe_platform.configtools import ConfigError, check, from_dict, load_yaml
+from rmoe_platform.configtools import ConfigError, check, from_dict, load_yaml, set_path
 from rmoe_platform.s3 import S3Options
 
 PIPELINES = ("dense", "moe", "rmoe_i", "rmoe_d", "upcycle")
@@ -110,6 +110,11 @@ class ExperimentConfig:
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         for kind, price in self.prices.items():
             check(price >= 0, f"prices.{kind} must be >= 0, got {price}")
+        ep = (self.moe_scaling or self.scaling).expert_parallel_size
+        check(
+            self.moe.num_experts % ep == 0,
+            f"moe.num_experts: {self.moe.num_experts} experts cannot be sharded over expert_parallel_size={ep}",
+        )
         for kind in {self.scaling.device_kind, (self.moe_scaling or self.scaling).device_kind}:
             check(kind in self.prices, f"prices: no price for device kind {kind!r}")
 
@@ -152,11 +157,4 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {override!r}: value is not valid YAML: {err}") from None
-    node = data
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {override!r}: {part} is not a mapping")
-        node = child
-    node[parts[-1]] = value
+    set_path(data, key.strip(), value, f"--set {override!r}")

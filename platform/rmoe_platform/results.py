@@ -66,6 +66,7 @@ SCHEMA = pa.schema(
         ("marginal_dollars", pa.float64()),
         ("telemetry", pa.string()),  # JSON: MoE load, drop fraction, entropy, residual norms
         ("history", pa.string()),  # JSON list: the stage's training reports over time (loss, lr, val_*, moe/*)
+        ("params", pa.string()),  # JSON: a sweep trial's sampled setting (name -> value)
         ("config", pa.string()),  # JSON of the stage or experiment config
         ("checkpoint_uri", pa.string()),
         ("sweep_id", pa.string()),
@@ -140,7 +141,7 @@ def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"results: unknown column(s) {', '.join(unknown)}")
     out = {name: row.get(name) for name in SCHEMA.names}
     out["schema_version"] = SCHEMA_VERSION
-    for key in ("telemetry", "config", "metrics", "history"):
+    for key in ("telemetry", "config", "metrics", "history", "params"):
         if out[key] is not None and not isinstance(out[key], str):
             out[key] = json.dumps(out[key], sort_keys=True, default=str)
     return out

@@ -59,6 +59,26 @@ class PipelineSummary:
         return total(stage.cost for stage in self.stages)
 
 
+@dataclass(frozen=True)
+class SweepTrial:
+    """Set when the runner runs one trial of a sweep: its rows carry the sweep id and the sampled setting,
+    the stages every trial shares are marked shared, and the pipeline row's run id is the trial's own
+    (stable across a resumed sweep, so a finished trial is recognised and never written twice)."""
+
+    sweep_id: str
+    trial_key: str
+    params: dict[str, Any]
+    shared_stages: frozenset[str] = frozenset()
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.sweep_id}-{self.trial_key}"
+
+
+# Given a stage about to run and what its finished ancestors cost, the Ray Train callbacks to run it with.
+StageCallbacks = Callable[[StageNode, Cost], list[Any]]
+
+
 @dataclass
 class ExperimentReport:
     experiment: str
@@ -79,8 +99,12 @@ class ExperimentRunner:
         log: Callable[[str], None] = print,
         stage_runner: Callable[..., StageResult] = run_stage,
         s3: S3Access | None = None,
+        trial: SweepTrial | None = None,
+        stage_callbacks: StageCallbacks | None = None,
     ) -> None:
         self.exp = exp
+        self.trial = trial
+        self.stage_callbacks = stage_callbacks
         self.access = s3 or S3Access.resolve(exp.s3)
         self.store = store
         self.log = log
@@ -105,8 +129,28 @@ class ExperimentRunner:
         self._validated = (plans, datasets)
         return plans
 
+    @property
+    def dataset_checks(self) -> dict[str, DatasetCheck]:
+        """Each phase's dataset as `validate()` found it, keyed by config field."""
+        if self._validated is None:
+            self.validate()
+        assert self._validated is not None
+        return self._validated[1]
+
     def run(self) -> ExperimentReport:
         """Run every stage; validates first unless `validate()` already did (its checks are reused)."""
+        plans, outcomes = self._run_nodes(None)
+        shared = shared_keys(plans) | (self.trial.shared_stages if self.trial else frozenset())
+        summaries = {p: PipelineSummary(p, [outcomes[s.key] for s in stages], shared) for p, stages in plans.items()}
+        self.store.append(self._pipeline_rows(summaries))
+        return ExperimentReport(self.exp.name, outcomes, summaries)
+
+    def run_stages(self, keys: set[str]) -> dict[str, StageOutcome]:
+        """Run only the stages named by `keys` (and their ancestors), writing stage rows but no pipeline
+        rows: how a sweep trains the stages its trials share once, before the trials start."""
+        return self._run_nodes(keys)[1]
+
+    def _run_nodes(self, only: set[str] | None) -> tuple[dict[str, list[StageNode]], dict[str, StageOutcome]]:
         if self._validated is None:
             self.validate()
         assert self._validated is not None
@@ -117,14 +161,13 @@ class ExperimentRunner:
         self._succeeded = self._succeeded_stage_rows()
         shared = shared_keys(plans)
         users = {key: sorted(p for p, stages in plans.items() if any(s.key == key for s in stages)) for key in shared}
+        wanted = None if only is None else {n.key for s in plans.values() for n in s if _leads_to(n, only, s)}
         outcomes: dict[str, StageOutcome] = {}
         for pipeline, stages in plans.items():
             for node in stages:
-                if node.key not in outcomes:
+                if node.key not in outcomes and (wanted is None or node.key in wanted):
                     outcomes[node.key] = self._stage(node, outcomes, users.get(node.key, [pipeline]))
-        summaries = {p: PipelineSummary(p, [outcomes[s.key] for s in stages], shared) for p, stages in plans.items()}
-        self.store.append(self._pipeline_rows(summaries))
-        return ExperimentReport(self.exp.name, outcomes, summaries)
+        return plans, outcomes
 
     # ---- stages --------------------------------------------------------------------------------
     def _stage(self, node: StageNode, outcomes: dict[str, StageOutcome], pipelines: list[str]) -> StageOutcome:
@@ -142,8 +185,12 @@ class ExperimentRunner:
         run_id = f"{node.key.replace('/', '-')}-{node.config_hash[:8]}-{uuid.uuid4().hex[:6]}"
         self.log(f"[{node.key}] running on {config.scaling.num_workers} worker(s) …")
         started = _now()
+        extra: dict[str, Any] = {}
+        if self.stage_callbacks is not None:
+            ancestors = [outcomes[n.key] for n in node.lineage[:-1]]
+            extra["callbacks"] = self.stage_callbacks(node, total(a.cost for a in ancestors))
         try:
-            result = self.stage_runner(config, run_name=run_id, s3=self.access)
+            result = self.stage_runner(config, run_name=run_id, s3=self.access, **extra)
         except ConfigError:
             raise
         except Exception as err:  # a failed stage is recorded; the others go on
@@ -186,7 +233,10 @@ class ExperimentRunner:
 
     # ---- rows ----------------------------------------------------------------------------------
     def _common(self) -> dict[str, Any]:
-        return {"experiment": self.exp.name, "git_commit": self.git_commit, "arch": self.exp.arch}
+        common = {"experiment": self.exp.name, "git_commit": self.git_commit, "arch": self.exp.arch}
+        if self.trial is not None:
+            common.update({"sweep_id": self.trial.sweep_id, "params": self.trial.params or None})
+        return common
 
     def _stage_row(
         self,
@@ -211,7 +261,7 @@ class ExperimentRunner:
             "parent_run_id": parent.run_id if parent else None,
             "config_hash": node.config_hash,
             "parent_hash": node.parent.config_hash if node.parent else None,
-            "shared": len(pipelines) > 1,
+            "shared": len(pipelines) > 1 or (self.trial is not None and node.key in self.trial.shared_stages),
             "cached": False,
             "status": outcome.status,
             "error": None if trace is None else f"{outcome.error}\n{trace}",
@@ -267,7 +317,7 @@ class ExperimentRunner:
                     "row_type": "pipeline",
                     "pipeline": name,
                     "stage": last.node.key,
-                    "run_id": f"{self.exp.name}-{name}-{uuid.uuid4().hex[:8]}",
+                    "run_id": self.trial.run_id if self.trial else f"{self.exp.name}-{name}-{uuid.uuid4().hex[:8]}",
                     "parent_run_id": last.run_id,
                     "status": "succeeded" if summary.ok else "failed",
                     "error": "; ".join(f"{s.node.key}: {s.error}" for s in summary.stages if s.error) or None,
@@ -288,6 +338,11 @@ class ExperimentRunner:
                 }
             )
         return rows
+
+
+def _leads_to(node: StageNode, keys: set[str], stages: list[StageNode]) -> bool:
+    """Whether `node` is one of `keys` or an ancestor of one of them within its pipeline."""
+    return any(s.key in keys and node in s.lineage for s in stages)
 
 
 def format_report(report: ExperimentReport) -> str:

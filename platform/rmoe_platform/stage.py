@@ -18,6 +18,7 @@ import timm.data
 from ray.data import DataContext, ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2.api.callback import UserCallback
 from torch import nn
 
 from rmoe.upcycle import moe_layers
@@ -166,11 +167,13 @@ def run_stage(
     run_name: str | None = None,
     resume_from: str | None = None,
     s3: S3Access | None = None,
+    callbacks: list[UserCallback] | None = None,
 ) -> StageResult:
     """Train the stage on `config.scaling.num_workers` Ray workers; returns once it finished.
 
     `resume_from` continues from a checkpoint of this stage, whatever worker count wrote it. `s3` is the
-    driver's resolved S3 access (default: from `config.s3` and this process's environment).
+    driver's resolved S3 access (default: from `config.s3` and this process's environment). `callbacks`
+    see every report on the Train controller (a sweep forwards the evaluations to Ray Tune with one).
     """
     prepared = prepare_stage(config, s3)
     config, access = prepared.config, prepared.access
@@ -196,7 +199,7 @@ def run_stage(
                 use_gpu=config.scaling.use_gpu,
                 resources_per_worker=config.scaling.resources_per_worker,
             ),
-            run_config=_run_config(config, run_name, access),
+            run_config=_run_config(config, run_name, access, callbacks or []),
             datasets=data.datasets,
             dataset_config=_ingest_config(),
         )
@@ -238,7 +241,7 @@ def _check_cpus_left_for_ingest(config: StageConfig) -> None:
         )
 
 
-def _run_config(config: StageConfig, run_name: str, access: S3Access) -> RunConfig:
+def _run_config(config: StageConfig, run_name: str, access: S3Access, callbacks: list[UserCallback]) -> RunConfig:
     storage_path, filesystem = storage.normalize(config.storage), None
     if storage.is_remote(config.storage):
         filesystem, storage_path = storage.filesystem(config.storage, "stage.storage", access)
@@ -248,6 +251,7 @@ def _run_config(config: StageConfig, run_name: str, access: S3Access) -> RunConf
         storage_filesystem=filesystem,
         checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
         failure_config=FailureConfig(max_failures=config.max_failures),
+        callbacks=callbacks,
     )
 
 

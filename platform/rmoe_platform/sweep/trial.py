@@ -1,0 +1,98 @@
+"""One sweep trial (the Ray Tune function, the driver-function pattern of Ray Train V2): run the swept
+pipeline for one setting through the experiment runner, its shared stages found in the stage cache, and
+forward each downstream evaluation to Tune so ASHA can stop a poor trial early."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from rmoe_platform.accounting import Cost
+from rmoe_platform.pipelines import StageNode
+from rmoe_platform.results import ResultsStore
+from rmoe_platform.runner import ExperimentRunner, SweepTrial
+from rmoe_platform.sweep.plan import SweepPlan
+
+METRIC = "val_metric"  # what ASHA and the searchers optimise (higher is better: accuracy, mIoU, AP)
+TIME_ATTR = "evaluations"  # the downstream stage's validations so far (ASHA's rung unit)
+DONE = "pipeline_status"  # in a trial's last report only once its pipeline row is written
+
+
+class EvaluationReporter(TuneReportCallback):
+    """Runs on the Train controller: each report that carries a validation becomes one Tune result,
+    with what the trial's finished stages cost so far (a stopped trial's row is written from it)."""
+
+    def __init__(self, stage: str, prior: Cost, num_workers: int) -> None:
+        super().__init__()
+        self._stage = stage
+        self._prior = prior
+        self._num_workers = num_workers
+        self._evaluations = 0
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        latest = metrics[0]
+        if METRIC not in latest:
+            return
+        self._evaluations += 1
+        self._training_actor_item_queue.put(
+            {
+                METRIC: float(latest[METRIC]),
+                TIME_ATTR: self._evaluations,
+                "stage": self._stage,
+                "step": latest.get("step"),
+                "prior_flops": self._prior.flops,
+                "prior_device_seconds": self._prior.device_seconds,
+                "prior_gpu_seconds": self._prior.gpu_seconds,
+                "prior_dollars": self._prior.dollars,
+                "stage_device_seconds": float(latest.get("train_seconds", 0.0)) * self._num_workers,
+            }
+        )
+
+
+def run_trial(config: dict[str, Any], plan: SweepPlan) -> None:
+    """Tune's trial function. A setting whose pipeline row is already in the store (a resumed sweep) is
+    reported from there and not trained again."""
+    spec = plan.trial(config)
+    exp = spec.experiment
+    store = ResultsStore(exp.results, s3=plan.access)
+    trial = SweepTrial(plan.sweep_id, spec.key, spec.params, plan.shared_stages)
+    done = finished_row(store, trial.run_id)
+    if done is not None:
+        tune.report(final_result(done))
+        return
+    last_stage = None
+
+    def callbacks(node: StageNode, prior: Cost) -> list[Any]:
+        if node.key != last_stage:
+            return []
+        return [EvaluationReporter(node.key, prior, node.config.scaling.num_workers)]
+
+    runner = ExperimentRunner(exp, store, s3=plan.access, log=lambda _: None, trial=trial, stage_callbacks=callbacks)
+    plans = runner.validate()
+    last_stage = plans[plan.sweep.pipeline][-1].key
+    runner.run()
+    row = finished_row(store, trial.run_id)
+    if row is None:
+        raise RuntimeError(f"sweep {plan.sweep_id}: trial {spec.key} finished without its pipeline row")
+    tune.report(final_result(row))
+
+
+def finished_row(store: ResultsStore, run_id: str) -> dict[str, Any] | None:
+    """The trial's pipeline row (succeeded, failed or stopped), if one was written."""
+    rows = [r for r in store.rows(row_type="pipeline", run_id=run_id)]
+    return rows[-1] if rows else None
+
+
+def final_result(row: dict[str, Any]) -> dict[str, Any]:
+    """The trial's last Tune result. It has no TIME_ATTR, so ASHA does not rank it again."""
+    metric = row.get("metric")
+    return {
+        METRIC: float("nan") if metric is None else float(metric),
+        DONE: row["status"],
+        "dollars": row.get("dollars"),
+        "device_seconds": row.get("device_seconds"),
+        "gpu_days": row.get("gpu_days"),
+        "flops": row.get("flops"),
+    }

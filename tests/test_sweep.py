@@ -1,0 +1,178 @@
+"""Sweeps end to end on a real local Ray: a 2x2 grid to completion, ASHA stopping a poor trial, and a
+driver killed mid-way and resumed. The tests share one store and storage, so the smoke preset's dense
+core trains once for all of them (the stage cache), as it would for a user's successive sweeps."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from rmoe_platform.results import ResultsStore
+from rmoe_platform.sweep import SweepConfig, SweepDriver
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sweeps")
+
+
+def write_sweep(workspace: Path, name: str, **fields: Any) -> Path:
+    experiment = yaml.safe_load(SMOKE.read_text())
+    experiment["storage"], experiment["results"] = str(workspace / "ckpt"), str(workspace / "results")
+    experiment["data"] = {"uri": str(workspace / "data")}
+    experiment.update(fields.pop("experiment", {}))
+    sweep = {"name": name, "experiment": experiment, **fields}
+    path = workspace / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def rows(workspace: Path, **equals: Any) -> list[dict[str, Any]]:
+    return ResultsStore(str(workspace / "results")).rows(**equals)
+
+
+def test_a_2x2_sweep_runs_every_trial_on_one_dense_core(ray_local, workspace: Path) -> None:
+    path = write_sweep(
+        workspace,
+        "grid",
+        pipeline="rmoe_d",
+        space={"num_experts": {"grid": [2, 4]}, "residual_budget": {"grid": [{"steps": 1}, {"steps": 2}]}},
+        scheduler={"type": "none"},
+    )
+    lines: list[str] = []
+    report = SweepDriver(SweepConfig.load(path), log=lines.append).run()
+    assert report.ok and len(report.rows) == 4
+    trials = rows(workspace, row_type="pipeline", sweep_id="grid")
+    assert len(trials) == 4 and all(r["status"] == "succeeded" for r in trials)
+    settings = {
+        (json.loads(r["params"])["num_experts"], json.dumps(json.loads(r["params"])["residual_budget"])) for r in trials
+    }
+    assert settings == {(n, json.dumps({"steps": s})) for n in (2, 4) for s in (1, 2)}
+    assert {r["num_experts"] for r in trials} == {2, 4}
+    dense = [r for r in rows(workspace, row_type="stage", stage="upstream_dense") if r["status"] == "succeeded"]
+    assert len(dense) == 1, "the dense core trained once for the whole sweep"
+    assert dense[0]["sweep_id"] == "grid" and dense[0]["shared"]
+    for trial in trials:  # each trial is charged the shared dense stage, marked shared
+        stages = json.loads(trial["config"])["stages"]
+        assert [s["stage"] for s in stages] == ["upstream_dense", "rmoe_d/downstream"]
+        assert stages[0]["run_id"] == dense[0]["run_id"] and stages[0]["shared"]
+        assert trial["flops"] > dense[0]["flops"] and trial["dollars"] > dense[0]["dollars"]
+    downstream = rows(workspace, row_type="stage", stage="rmoe_d/downstream", sweep_id="grid")
+    assert len(downstream) == 4 and {r["budget_steps"] for r in downstream} == {1, 2}
+    assert "Pareto-optimal settings (accuracy vs total dollars)" in report.table
+    assert "Best setting per residual_budget" in report.table
+    assert any("trial" in line and "finished (succeeded)" in line and "best so far" in line for line in lines)
+
+
+def test_asha_stops_a_clearly_worse_trial_early(ray_local, workspace: Path) -> None:
+    # Downstream on the upstream data and classes: the dense core is already good there. Experts
+    # initialised as core + 1e-3 noise keep that; with noise 30x the weights they are wrecked from the
+    # start and a small learning rate cannot repair them. ASHA compares the two at each epoch.
+    upstream_data = yaml.safe_load(SMOKE.read_text())["upstream"]["data"]
+    path = write_sweep(
+        workspace,
+        "asha",
+        pipeline="rmoe_d",
+        experiment={
+            "downstream": {"data": upstream_data, "budget": {"epochs": 4}, "optim": {"lr": 1e-5}},
+        },
+        space={"init_noise": {"grid": [1e-3, 30.0]}},
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        max_concurrent_trials=1,
+    )
+    lines: list[str] = []
+    report = SweepDriver(SweepConfig.load(path), log=lines.append).run()
+    by_noise = {json.loads(r["params"])["init_noise"]: r for r in report.rows}
+    good, bad = by_noise[1e-3], by_noise[30.0]
+    assert good["status"] == "succeeded" and bad["status"] == "stopped", lines
+    assert bad["metric"] < good["metric"] - 0.1
+    assert "stopped early by ASHA after 1 evaluation" in bad["error"]
+    good_stage = rows(workspace, row_type="stage", stage="rmoe_d/downstream", sweep_id="asha", params=good["params"])
+    assert len(good_stage) == 1 and good_stage[0]["budget_steps"] == 16, "the good trial ran its 4 epochs"
+    assert bad["device_seconds"] > 0 and bad["dollars"] > 0, "the stopped trial is charged what it used"
+    assert any("stopped early by ASHA" in line for line in lines)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (from /proc), so the test stops exactly what its driver started."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(workspace: Path) -> None:
+    path = write_sweep(
+        workspace,
+        "resume",
+        pipeline="rmoe_d",
+        space={"residual_budget": {"grid": [{"steps": 1}, {"steps": 2}]}},
+        scheduler={"type": "none"},
+        max_concurrent_trials=1,
+        # other experts than the 2x2 sweep's, so no trial finds its stage in the cache from that sweep
+        experiment={"moe": {"num_experts": 2, "top_k": 1, "layers": "every_other", "init_noise": 0.02}},
+    )
+    command = [sys.executable, str(ROOT / "jobs" / "sweep.py"), "--config", str(path)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = (workspace / "resume-first.log").open("w")
+    driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 420
+        while not rows(workspace, row_type="pipeline", sweep_id="resume"):
+            assert driver.poll() is None, (workspace / "resume-first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(1.0)
+    finally:
+        started = _descendants(driver.pid)
+        driver.kill()
+        driver.wait(timeout=60)
+        _kill(started)
+        log.close()
+    finished_before = {r["run_id"] for r in rows(workspace, row_type="pipeline", sweep_id="resume")}
+    assert len(finished_before) == 1, "killed mid-way"
+    stage_rows_before = {r["run_id"] for r in rows(workspace, row_type="stage", sweep_id="resume")}
+
+    resumed = subprocess.run(
+        [*command, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, start_new_session=True
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    trials = rows(workspace, row_type="pipeline", sweep_id="resume")
+    assert Counter(r["run_id"] for r in trials) == Counter({r: 1 for r in {t["run_id"] for t in trials}})
+    assert len(trials) == 2 and all(r["status"] == "succeeded" for r in trials)
+    assert finished_before <= {r["run_id"] for r in trials}
+    downstream = rows(workspace, row_type="stage", stage="rmoe_d/downstream", sweep_id="resume")
+    assert sorted(r["budget_steps"] for r in downstream) == [1, 2], "each trial's stage ran exactly once"
+    assert stage_rows_before <= {r["run_id"] for r in rows(workspace, row_type="stage", sweep_id="resume")}
+    assert "Pareto-optimal settings" in resumed.stdout
