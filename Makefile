@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-library test lint format bench clean
+.PHONY: demo demo-library dashboard screenshot test lint format bench clean
 
 # mmcv 2.1.0 (with C++ ops) compiles against the torch already in the venv, hence --no-build-isolation
 # after the first install. A prebuilt wheel in ../shared/wheels is used when that folder exists; without
@@ -28,7 +28,24 @@ demo: $(STAMP)
 demo-library: $(STAMP)
 	$(PY) -m rmoe.demo
 
-test: $(STAMP)
+# The dashboard's browser test drives Debian's Chromium (a test tool's own browser download fails here).
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "make test: $(CHROMIUM) is missing; install it with 'sudo apt-get install -y chromium'" >&2; exit 1; fi
+	DEBIAN_FRONTEND=noninteractive apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
+RESULTS ?= runs/results
+
+dashboard: $(STAMP)
+	$(PY) -m streamlit run dashboard/app.py -- --results $(RESULTS)
+
+screenshot: $(STAMP) $(CHROMIUM)
+	$(PY) dashboard/screenshot.py --results $(RESULTS) --out docs/overview.png
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest

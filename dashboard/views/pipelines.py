@@ -1,0 +1,25 @@
+"""Pipelines: each pipeline's cost stage by stage (shared stages marked) and the lineage of its runs."""
+
+import streamlit as st
+
+from dashboard import charts, processing, ui
+
+ctx = ui.require()
+st.title("Cost by stage")
+breakdown = processing.stage_breakdown(ctx.frame, ctx.unit)
+if breakdown.empty:
+    st.info("No pipeline summaries yet: each pipeline writes one when its last stage finishes.")
+    st.stop()
+groups = list(dict.fromkeys(breakdown["group"]))
+labels = {g: " · ".join(p for p in g.split("|") if p) for g in groups}
+group = st.selectbox("Experiment run", groups, format_func=labels.__getitem__, key="pipelines_group")
+chosen = breakdown[breakdown["group"] == group]
+st.altair_chart(charts.stage_bars(chosen, f"training cost ({ctx.unit.label})"), width="stretch")
+st.caption("Lighter bars: stages shared by several pipelines (trained once, charged in full to each).")
+ui.table(chosen.drop(columns=["group"]), "stage-costs", caption="stage costs")
+st.subheader("Lineage")
+st.graphviz_chart(processing.lineage_dot(chosen))
+runs = [r for r in dict.fromkeys(chosen.sort_values("position", ascending=False)["run_id"]) if r]
+if runs:
+    run = st.selectbox("Lineage of run", runs, key="pipelines_run")
+    ui.table(processing.lineage(ctx.frame, run), f"lineage-{run}", caption="this lineage")

@@ -1,0 +1,44 @@
+"""Run detail: one stage run's status, error, checkpoint, config, metrics and curves over training."""
+
+import streamlit as st
+
+from dashboard import charts, processing, ui
+
+ctx = ui.require()
+st.title("Run detail")
+runs = processing.stage_runs(ctx.frame)
+if runs.empty:
+    st.info("No stage runs under these filters.")
+    st.stop()
+records = processing.records(runs)
+index = st.selectbox(
+    "Stage run", range(len(records)), format_func=lambda i: processing.run_label(records[i]), key="detail_run"
+)
+row = records[index]
+status = row.get("status")
+(st.error if status == "failed" else st.success if status == "succeeded" else st.info)(f"Status: {status}")
+if isinstance(row.get("error"), str) and row["error"]:
+    st.subheader("Error")
+    st.code(row["error"], language=None)
+st.markdown(f"**Checkpoint:** `{row.get('checkpoint_uri') or 'none'}`")
+st.markdown("**Lineage:** " + " → ".join(f"`{s}`" for s in processing.lineage(ctx.frame, row["run_id"])["stage"]))
+
+history = processing.history_frame(row.get("history"))
+st.subheader("Training curves")
+groups = processing.curve_groups(history.columns)
+if not groups:
+    st.info("This row has no training history (rows written before histories were recorded have none).")
+for name, keys in groups.items():
+    st.altair_chart(charts.curves_chart(processing.curves(history, keys), title=name), width="stretch")
+left, right = st.columns(2)
+with left:
+    st.subheader("Summary")
+    ui.table(processing.run_summary(row), f"run-{row['run_id']}", caption="the summary")
+with right:
+    st.subheader("Final metrics")
+    st.json(row.get("metrics") or {}, expanded=True)
+    if row.get("params"):
+        st.subheader("Swept parameters")
+        st.json(row["params"])
+st.subheader("Config")
+st.json(row.get("config") or {}, expanded=False)
