@@ -32,10 +32,12 @@ def workspace(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("sweeps")
 
 
-def write_sweep(workspace: Path, name: str, **fields: Any) -> Path:
+def write_sweep(workspace: Path, name: str, *, relative: bool = False, **fields: Any) -> Path:
+    """A sweep over the smoke preset writing under `workspace` (through paths relative to it, if asked)."""
+    root = "." if relative else str(workspace)
     experiment = yaml.safe_load(SMOKE.read_text())
-    experiment["storage"], experiment["results"] = str(workspace / "ckpt"), str(workspace / "results")
-    experiment["data"] = {"uri": str(workspace / "data")}
+    experiment["storage"], experiment["results"] = f"{root}/ckpt", f"{root}/results"
+    experiment["data"] = {"uri": f"{root}/data"}
     experiment.update(fields.pop("experiment", {}))
     sweep = {"name": name, "experiment": experiment, **fields}
     path = workspace / f"{name}.yaml"
@@ -47,10 +49,14 @@ def rows(workspace: Path, **equals: Any) -> list[dict[str, Any]]:
     return ResultsStore(str(workspace / "results")).rows(**equals)
 
 
-def test_a_2x2_sweep_runs_every_trial_on_one_dense_core(ray_local, workspace: Path) -> None:
+def test_a_2x2_sweep_runs_every_trial_on_one_dense_core(ray_local, workspace: Path, monkeypatch) -> None:
+    # relative paths, as in the presets: trials run in Tune's own working directories and must still
+    # share the driver's data, checkpoints and results
+    monkeypatch.chdir(workspace)
     path = write_sweep(
         workspace,
         "grid",
+        relative=True,
         pipeline="rmoe_d",
         space={"num_experts": {"grid": [2, 4]}, "residual_budget": {"grid": [{"steps": 1}, {"steps": 2}]}},
         scheduler={"type": "none"},

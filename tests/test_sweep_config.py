@@ -210,3 +210,12 @@ def test_optuna_samples_the_space_reproducibly(tmp_path: Path) -> None:
     for setting in first:
         assert setting["num_experts"] in (2, 4) and 1e-3 <= setting["aux_weight"] <= 1e-1
         assert 1 <= setting["residual_budget"] <= 6
+
+
+def test_relative_paths_are_resolved_on_the_driver(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    sweep = SweepConfig.load(ROOT / "configs" / "sweeps" / "demo.yaml")
+    exp = sweep.experiment
+    assert exp.storage == str(tmp_path / "runs" / "checkpoints") and exp.results == str(tmp_path / "runs" / "results")
+    assert exp.datasets()["experiment.upstream.data"].uri == str(tmp_path / "runs" / "data" / "shapes10-up")
+    assert sweep.base_experiment.pipelines == ("rmoe_i",)

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from rmoe import MoEConfig
+from rmoe_platform import storage
 from rmoe_platform.config import TASKS, BudgetConfig, DataSpec, HeadConfig, OptimConfig, ScalingSpec
 from rmoe_platform.configtools import ConfigError, check, from_dict, load_yaml, set_path
 from rmoe_platform.s3 import S3Options
@@ -125,6 +126,30 @@ class ExperimentConfig:
     def metric_name(self) -> str:
         """The pipelines' metric: that of the downstream task."""
         return METRIC_NAMES[self.downstream.task]
+
+    def with_absolute_paths(self) -> ExperimentConfig:
+        """The same experiment with local paths made absolute against this process's working directory:
+        for code that runs elsewhere (a Tune trial runs in a working directory of its own)."""
+
+        def local_path(uri: str) -> bool:
+            return not storage.is_remote(uri) and ("/" in uri or uri.startswith((".", "~")))
+
+        def phase(config: PhaseConfig) -> PhaseConfig:
+            if config.data is None or not local_path(config.data.uri):
+                return config
+            return dataclasses.replace(
+                config, data=dataclasses.replace(config.data, uri=storage.normalize(config.data.uri))
+            )
+
+        return dataclasses.replace(
+            self,
+            storage=storage.normalize(self.storage),
+            results=storage.normalize(self.results),
+            data=DataRoot(storage.normalize(self.data.uri)),
+            upstream=phase(self.upstream),
+            intermediate=phase(self.intermediate),
+            downstream=phase(self.downstream),
+        )
 
     def datasets(self) -> dict[str, DataSpec]:
         """The phases' datasets, their uris resolved against `data.uri`, keyed by config field."""

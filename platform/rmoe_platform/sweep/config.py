@@ -118,4 +118,6 @@ class SweepConfig:
             raise ConfigError("sweep.experiment: expected a preset path or a mapping")
         for override in overrides or []:
             apply_override(data, override)
-        return from_dict(cls, data, "sweep")
+        sweep = from_dict(cls, data, "sweep")
+        # trials run in Tune's per-trial working directories: relative paths must not follow them there
+        return dataclasses.replace(sweep, experiment=sweep.experiment.with_absolute_paths())

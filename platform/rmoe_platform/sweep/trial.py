@@ -21,8 +21,9 @@ DONE = "pipeline_status"  # in a trial's last report only once its pipeline row 
 
 
 class EvaluationReporter(TuneReportCallback):
-    """Runs on the Train controller: each report that carries a validation becomes one Tune result,
-    with what the trial's finished stages cost so far (a stopped trial's row is written from it)."""
+    """Runs on the Train controller: each report that carries a validation (but the stage's last one)
+    becomes one Tune result, with what the trial's finished stages cost so far (a stopped trial's row is
+    written from it). A trial whose training is over is thus never marked stopped by ASHA."""
 
     def __init__(self, stage: str, prior: Cost, num_workers: int) -> None:
         super().__init__()
@@ -33,8 +34,8 @@ class EvaluationReporter(TuneReportCallback):
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         latest = metrics[0]
-        if METRIC not in latest:
-            return
+        if METRIC not in latest or latest.get("final"):
+            return  # the stage's last validation arrives with the trial's own final result, which ASHA skips
         self._evaluations += 1
         self._training_actor_item_queue.put(
             {
