@@ -30,7 +30,8 @@ def ray_local():
 
     context = ray.init(
         num_cpus=6,
-        include_dashboard=False,
+        include_dashboard=True,  # Ray's state API: Train's placement-group cleaner needs it (sweeps' ASHA)
+        dashboard_host="127.0.0.1",
         log_to_driver=False,
         namespace="rmoe-tests",
         _node_ip_address="127.0.0.1",  # keep the test cluster on loopback

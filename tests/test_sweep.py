@@ -98,7 +98,7 @@ def test_asha_stops_a_clearly_worse_trial_early(ray_local, workspace: Path) -> N
         experiment={
             "downstream": {"data": upstream_data, "budget": {"epochs": 4}, "optim": {"lr": 1e-5}},
         },
-        space={"init_noise": {"grid": [1e-3, 30.0]}},
+        space={"init_noise": {"grid": [1e-3, 30.0, 2e-3]}},
         scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
         max_concurrent_trials=1,
     )
@@ -106,6 +106,7 @@ def test_asha_stops_a_clearly_worse_trial_early(ray_local, workspace: Path) -> N
     report = SweepDriver(SweepConfig.load(path), log=lines.append).run()
     by_noise = {json.loads(r["params"])["init_noise"]: r for r in report.rows}
     good, bad = by_noise[1e-3], by_noise[30.0]
+    assert by_noise[2e-3]["status"] == "succeeded", "the stopped trial's workers gave their CPUs back"
     assert good["status"] == "succeeded" and bad["status"] == "stopped", lines
     assert bad["metric"] < good["metric"] - 0.1
     assert "stopped early by ASHA after 1 evaluation" in bad["error"]

@@ -53,10 +53,13 @@ def init_ray() -> None:
     else:  # a local Ray of our own, on loopback
         # Twice the cores as logical CPUs: Train workers mostly wait on the data, and the Ray Data decode
         # tasks need CPUs of their own (with one CPU per worker and no CPU left, ingest would stall).
+        # The dashboard process serves Ray's state API, which Ray Train's placement-group cleaner needs:
+        # without it, a trial stopped by ASHA would keep its workers' CPUs reserved for good.
         ray.init(
             num_cpus=2 * (os.cpu_count() or 1),
             runtime_env={"py_modules": modules},
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             log_to_driver=False,
             _node_ip_address="127.0.0.1",
         )

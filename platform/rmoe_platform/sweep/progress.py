@@ -109,8 +109,10 @@ class SweepProgress(Callback):
         stages plus the device time of the stage it was in (that stage's FLOPs are not counted)."""
         store = self.store()
         run_id = f"{self.sweep_id}-{_key(trial)}"
-        if store.rows(row_type="pipeline", run_id=run_id):
+        if any(r["status"] != "failed" for r in store.rows(row_type="pipeline", run_id=run_id)):
             return  # written before an interruption
+        # a 'failed' row may come from the trial itself, its stage torn down by this very stop: the
+        # 'stopped' row written after it supersedes it (readers keep a run's newest row)
         exp = self.experiment
         device_kind = (exp.moe_scaling or exp.scaling).device_kind
         partial = float(result.get("stage_device_seconds", 0.0))
