@@ -26,12 +26,12 @@ import torch
 from ray.train import DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from rmoe_platform.data import Normalizer
+from rmoe_platform.tasks.normalizer import Normalizer
 from rmoe_platform.datasets import AugmentSpec, SceneRecipe, write_dataset
 from rmoe_platform.datasets import transforms as T
 from rmoe_platform.datasets.codec import decode_image
 from rmoe_platform.datasets.ingest import DecodeSpec, create_ledger, open_dataset, read_split
-from rmoe_platform.local_s3 import LocalS3
+from rmoe_platform.storage.local_s3 import LocalS3
 
 
 def plain_loop(root: Path, card, size: int, batch: int) -> float:

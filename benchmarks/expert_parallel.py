@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from torch.profiler import ProfilerActivity, profile
 
 import rmoe
-from rmoe_platform.expert_parallel import parallelize
+from rmoe_platform.stage.worker.expert_parallel import parallelize
 
 ARCH = "rmoe_vit_nano_patch4_32"
 

@@ -11,9 +11,9 @@ import streamlit as st
 
 from dashboard import checkpoints, experts, processing
 from rmoe_platform import storage
-from rmoe_platform.configtools import ConfigError
+from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.results import ResultsStore
-from rmoe_platform.s3 import S3Access, S3Options
+from rmoe_platform.storage.s3 import S3Access, S3Options
 
 ROWS_TTL_S = 60
 CHECKPOINT_TTL_S = 600

@@ -13,11 +13,9 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from rmoe_platform.analysis import pareto_front
+from rmoe_platform.names import METRIC_NAMES, PIPELINES
+from rmoe_platform.results.analysis import pareto_front
 
-# = rmoe_platform.experiment.PIPELINES / METRIC_NAMES (importing that module pulls in torch; a test keeps them equal)
-PIPELINES = ("dense", "moe", "rmoe_i", "rmoe_d", "upcycle")
-METRIC_NAMES = {"classification": "accuracy", "segmentation": "mIoU", "detection": "bbox_mAP"}
 JSON_COLUMNS = {"config": dict, "metrics": dict, "telemetry": dict, "history": list, "params": dict}
 NO_SWEEP = "(no sweep)"
 # Validation keys that are not a quality metric (never offered as the metric axis).

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rmoe_platform.local_s3 import LocalS3, S3Endpoint
+from rmoe_platform.storage.local_s3 import LocalS3, S3Endpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

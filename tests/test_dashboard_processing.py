@@ -30,10 +30,13 @@ def frame(tmp_path_factory) -> pd.DataFrame:
     return parsed.frame
 
 
-def test_constants_match_the_platform() -> None:
-    from rmoe_platform.experiment import METRIC_NAMES, PIPELINES
+def test_names_come_from_the_platform() -> None:
+    """One source of truth: the dashboard uses the platform's own (torch-free) names, not copies."""
+    from rmoe_platform import names
+    from rmoe_platform.config import experiment
 
-    assert processing.PIPELINES == PIPELINES and processing.METRIC_NAMES == METRIC_NAMES
+    assert processing.PIPELINES is names.PIPELINES and processing.METRIC_NAMES is names.METRIC_NAMES
+    assert experiment.PIPELINES is names.PIPELINES and experiment.METRIC_NAMES is names.METRIC_NAMES
 
 
 def test_pareto_mask_on_crafted_points() -> None:

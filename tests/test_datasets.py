@@ -14,7 +14,7 @@ import pytest
 import ray
 from PIL import Image
 
-from rmoe_platform.configtools import ConfigError
+from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.datasets import AugmentSpec, SceneRecipe, read_card, write_dataset
 from rmoe_platform.datasets import transforms as T
 from rmoe_platform.datasets.codec import decode_image, encode_png, instance_mask_decode, rle_decode, rle_encode
@@ -27,7 +27,7 @@ from rmoe_platform.datasets.ingest import (
     read_split,
 )
 from rmoe_platform.datasets.scenes import make_example
-from rmoe_platform.local_s3 import free_port
+from rmoe_platform.storage.local_s3 import free_port
 
 TASKS = ("classification", "segmentation", "detection")
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import rmoe
-from rmoe_platform.expert_parallel import ParallelDims, parallelize
+from rmoe_platform.stage.worker.expert_parallel import ParallelDims, parallelize
 
 CASES = [(1, None), (2, None), (1, 0.5), (2, 0.5)]
 GLOBAL_BATCH = 8

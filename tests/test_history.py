@@ -8,8 +8,8 @@ from dataclasses import asdict
 
 import numpy as np
 
-from rmoe_platform.checkpointing import TrainProgress
-from rmoe_platform.train_loop import HISTORY_LIMIT, _record, thin_history
+from rmoe_platform.stage.worker.checkpoints import TrainProgress
+from rmoe_platform.stage.worker.loop import HISTORY_LIMIT, _record, thin_history
 
 
 def _report(step: int, evaluate: bool = False) -> dict:

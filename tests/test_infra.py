@@ -23,9 +23,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from rmoe_platform.cli import load_experiment, pipeline_parser
-from rmoe_platform.configtools import ConfigError
-from rmoe_platform.experiment import ExperimentConfig
+from rmoe_platform.cli.pipeline import load_experiment, pipeline_parser
+from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.config.experiment import ExperimentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -246,7 +246,7 @@ def entrypoint_workload(job: Manifest) -> Workload:
         args.config = ROOT / args.config
         return Workload(load_experiment(args))
     if argv[1] == "jobs/sweep.py":
-        from rmoe_platform.cli import sweep_parser
+        from rmoe_platform.cli.pipeline import sweep_parser
         from rmoe_platform.sweep import SweepConfig
 
         args = sweep_parser(None).parse_args(argv[2:])

@@ -16,8 +16,8 @@ from mmdet.structures.mask import BitmapMasks
 from mmengine.config import Config
 from mmengine.structures import InstanceData, PixelData
 
-from rmoe_platform.config import StageConfig
-from rmoe_platform.configtools import ConfigError
+from rmoe_platform.config.stage import StageConfig
+from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.datasets import AugmentSpec, SceneRecipe, write_dataset
 from rmoe_platform.datasets.codec import encode_png, instance_mask_decode, rle_encode
 from rmoe_platform.datasets.convert import SourceError, coco
@@ -29,13 +29,13 @@ from rmoe_platform.datasets.ingest import (
     open_dataset,
     read_split,
 )
-from rmoe_platform.experiment import ExperimentConfig
+from rmoe_platform.config.experiment import ExperimentConfig
 from rmoe_platform.mm import load_dense_model
 from rmoe_platform.mm.build import build_registered, mm_scope
 from rmoe_platform.results import ResultsStore
-from rmoe_platform.runner import ExperimentRunner
+from rmoe_platform.pipelines.runner import ExperimentRunner
 from rmoe_platform.tasks.dense import DenseTask
-from rmoe_platform.trainable import apply_trainable, group_members
+from rmoe_platform.stage.worker.trainable import apply_trainable, group_members
 
 ROOT = Path(__file__).resolve().parents[1]
 NANO = "rmoe_swin_nano_patch4_window4_64"
@@ -277,7 +277,7 @@ def test_a_dense_stage_refuses_data_of_another_task(tmp_path: Path) -> None:
             "batch_size": 4,
         }
     )
-    from rmoe_platform.stage import prepare_stage
+    from rmoe_platform.stage.run import prepare_stage
 
     with pytest.raises(ConfigError, match="a segmentation stage needs segmentation data"):
         prepare_stage(config)
@@ -288,7 +288,7 @@ def test_a_dense_stage_refuses_data_of_another_task(tmp_path: Path) -> None:
     "preset", ["seg_demo", "det_demo", "paper/ade20k_upernet_swin_t", "paper/coco_mask_rcnn_swin_t_1x"]
 )
 def test_dense_presets_plan_five_pipelines(preset: str) -> None:
-    from rmoe_platform.pipelines import plan_pipelines
+    from rmoe_platform.pipelines.graph import plan_pipelines
 
     exp = ExperimentConfig.load(ROOT / "configs" / f"{preset}.yaml")
     plans = plan_pipelines(exp)

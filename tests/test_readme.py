@@ -18,7 +18,7 @@ def test_readme_python_example_runs(repo_root: Path, tmp_path, monkeypatch) -> N
 def test_readme_stage_config_is_a_valid_stage(repo_root: Path) -> None:
     import yaml
 
-    from rmoe_platform.config import StageConfig
+    from rmoe_platform.config.stage import StageConfig
 
     text = (repo_root / "README.md").read_text()
     (block,) = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)

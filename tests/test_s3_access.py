@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from rmoe_platform.configtools import ConfigError
-from rmoe_platform.experiment import ExperimentConfig
-from rmoe_platform.s3 import S3Access, S3Options
+from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.config.experiment import ExperimentConfig
+from rmoe_platform.storage.s3 import S3Access, S3Options
 
 ENV = {
     "AWS_ACCESS_KEY_ID": "AKIAENVENVENV",

@@ -15,13 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 import rmoe
-from rmoe_platform.checkpointing import MODEL_FILE
-from rmoe_platform.config import StageConfig
-from rmoe_platform.configtools import ConfigError
+from rmoe_platform.stage.worker.checkpoints import MODEL_FILE
+from rmoe_platform.config.stage import StageConfig
+from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.datasets import read_card
 from rmoe_platform.datasets.codec import decode_image
 from rmoe_platform.datasets.transforms import normalize
-from rmoe_platform.stage import prepare_stage, run_stage
+from rmoe_platform.stage.run import prepare_stage, run_stage
 
 
 def stage_config(tmp_path: Path, **overrides: Any) -> StageConfig:

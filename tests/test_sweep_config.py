@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rmoe_platform.analysis import pareto_front
-from rmoe_platform.cli import sweep_main
-from rmoe_platform.configtools import ConfigError
+from rmoe_platform.results.analysis import pareto_front
+from rmoe_platform.cli.pipeline import sweep_main
+from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.sweep import SweepConfig, SweepDriver
 from rmoe_platform.sweep.plan import representative_settings, trial_key
 from rmoe_platform.sweep.report import best_per_budget, format_tables, pareto_rows

@@ -19,9 +19,10 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
+from rmoe_platform.names import TASKS
+
 FORMAT_VERSION = 1
 CARD_FILE = "card.json"
-TASKS = ("classification", "segmentation", "detection")
 Task = Literal["classification", "segmentation", "detection"]
 IGNORE_INDEX = 255  # segmentation masks: pixels to ignore
 

@@ -20,12 +20,12 @@ import ray.data
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from rmoe_platform import storage
-from rmoe_platform.configtools import ConfigError
+from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.datasets import transforms as T
 from rmoe_platform.datasets.codec import DecodeError, decode_image, decode_mask, instance_mask_decode
 from rmoe_platform.datasets.format import CARD_FILE, IGNORE_INDEX, DatasetCard, FormatError, check_schema
 from rmoe_platform.datasets.writer import read_card
-from rmoe_platform.s3 import S3Access, explain_error
+from rmoe_platform.storage.s3 import S3Access, explain_error
 
 Mode = Literal["train", "eval", "decode"]  # decode: raw pixels and targets, no resize/augment/normalize
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from rmoe_platform.configtools import check
+from rmoe_platform.config.fields import check
 from rmoe_platform.datasets.codec import encode_png, rle_encode
 from rmoe_platform.datasets.writer import DatasetPlan
 

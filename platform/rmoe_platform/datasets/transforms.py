@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from rmoe_platform.configtools import check
+from rmoe_platform.config.fields import check
 from rmoe_platform.datasets.format import IGNORE_INDEX
 
 

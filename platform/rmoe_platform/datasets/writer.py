@@ -34,7 +34,7 @@ from rmoe_platform.datasets.format import (
     SplitInfo,
     shard_name,
 )
-from rmoe_platform.s3 import S3Access
+from rmoe_platform.storage.s3 import S3Access
 
 STATS_KEY = b"rmoe.shard_stats"
 SOURCE_KEY = b"rmoe.source"

@@ -14,7 +14,7 @@ from torch import nn
 import rmoe_platform.mm  # noqa: F401  (registers the RMoE backbones and models)
 from rmoe import ModelSpec, load_state_dict_file
 from rmoe.checkpoint import load_weights, read_metadata
-from rmoe_platform.config import HeadConfig
+from rmoe_platform.config.stage import HeadConfig
 from rmoe_platform.mm.backbones import RMoEBackbone
 from rmoe_platform.mm.configs import backbone_config, detection_model, segmentation_model
 

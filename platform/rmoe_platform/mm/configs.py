@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rmoe_platform.config import HeadConfig
+from rmoe_platform.config.stage import HeadConfig
 
 PYRAMID_STRIDES = [4, 8, 16, 32]
 

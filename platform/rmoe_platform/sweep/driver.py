@@ -15,12 +15,12 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from rmoe_platform import storage
-from rmoe_platform.config import ScalingSpec
-from rmoe_platform.configtools import ConfigError
-from rmoe_platform.pipelines import plan_pipelines
+from rmoe_platform.config.stage import ScalingSpec
+from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.pipelines.graph import plan_pipelines
 from rmoe_platform.results import ResultsStore
-from rmoe_platform.runner import ExperimentRunner, SweepTrial
-from rmoe_platform.s3 import S3Access
+from rmoe_platform.pipelines.runner import ExperimentRunner, SweepTrial
+from rmoe_platform.storage.s3 import S3Access
 from rmoe_platform.sweep.config import SweepConfig
 from rmoe_platform.sweep.plan import DATA_CPUS_PER_TRIAL, DRIVER_CPUS_PER_TRIAL, SweepPlan, build_plan
 from rmoe_platform.sweep.progress import SweepProgress

@@ -11,10 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from rmoe_platform.configtools import ConfigError
-from rmoe_platform.experiment import ExperimentConfig
-from rmoe_platform.pipelines import StageNode, plan_pipelines
-from rmoe_platform.s3 import S3Access
+from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.config.experiment import ExperimentConfig
+from rmoe_platform.pipelines.graph import StageNode, plan_pipelines
+from rmoe_platform.storage.s3 import S3Access
 from rmoe_platform.sweep.config import SweepConfig
 from rmoe_platform.sweep.space import SearchSpace, apply_params
 

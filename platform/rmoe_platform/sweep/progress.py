@@ -15,9 +15,9 @@ from typing import Any
 
 from ray.tune import Callback
 
-from rmoe_platform.experiment import ExperimentConfig
+from rmoe_platform.config.experiment import ExperimentConfig
 from rmoe_platform.results import ResultsStore
-from rmoe_platform.s3 import S3Access
+from rmoe_platform.storage.s3 import S3Access
 from rmoe_platform.sweep.plan import trial_key
 from rmoe_platform.sweep.trial import DONE, METRIC, TIME_ATTR
 

@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from rmoe_platform.analysis import pareto_front
+from rmoe_platform.results.analysis import pareto_front
 
 COST_LABELS = {"dollars": "dollars", "device_seconds": "device-s", "gpu_days": "GPU-days", "flops": "FLOPs"}
 

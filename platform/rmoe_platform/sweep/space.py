@@ -15,7 +15,7 @@ from typing import Any
 
 from ray import tune
 
-from rmoe_platform.configtools import ConfigError, set_path
+from rmoe_platform.config.fields import ConfigError, set_path
 
 ALIASES = {
     "num_experts": "moe.num_experts",

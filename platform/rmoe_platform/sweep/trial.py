@@ -9,10 +9,10 @@ from typing import Any
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from rmoe_platform.accounting import Cost
-from rmoe_platform.pipelines import StageNode
+from rmoe_platform.pipelines.accounting import Cost
+from rmoe_platform.pipelines.graph import StageNode
 from rmoe_platform.results import ResultsStore
-from rmoe_platform.runner import ExperimentRunner, SweepTrial
+from rmoe_platform.pipelines.runner import ExperimentRunner, SweepTrial
 from rmoe_platform.sweep.plan import SweepPlan
 
 METRIC = "val_metric"  # what ASHA and the searchers optimise (higher is better: accuracy, mIoU, AP)

@@ -13,7 +13,7 @@ from torch import nn
 
 from rmoe import ModelSpec
 from rmoe.telemetry import MoEAuxSummary
-from rmoe_platform.config import StageConfig
+from rmoe_platform.config.stage import StageConfig
 
 ImageStats = tuple[tuple[float, ...], tuple[float, ...]]
 

@@ -14,9 +14,9 @@ from torch import nn
 import rmoe
 from rmoe import ModelSpec
 from rmoe import cost as rmoe_cost
-from rmoe_platform.config import StageConfig
-from rmoe_platform.data import Normalizer
-from rmoe_platform.stage_model import build_stage_model
+from rmoe_platform.config.stage import StageConfig
+from rmoe_platform.tasks.normalizer import Normalizer
+from rmoe_platform.stage.worker.model import build_stage_model
 from rmoe_platform.tasks.base import ImageStats, StageTask, StepOutput
 
 

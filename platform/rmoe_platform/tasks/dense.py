@@ -19,15 +19,15 @@ import rmoe
 from rmoe import ModelSpec
 from rmoe import cost as rmoe_cost
 from rmoe.checkpoint import load_weights
-from rmoe_platform.checkpointing import checkpoint_spec, load_model_state
-from rmoe_platform.config import StageConfig
+from rmoe_platform.stage.worker.checkpoints import checkpoint_spec, load_model_state
+from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.datasets.ingest import DetectionCollate, SegmentationEvalCollate
 from rmoe_platform.mm.backbones import RMoEBackbone, load_trunk_weights
 from rmoe_platform.mm.build import build_dense_model, mm_scope
 from rmoe_platform.mm.evaluation import DetectionEvaluator, SegmentationEvaluator
 from rmoe_platform.mm.models import AUX_LOSS_KEY
 from rmoe_platform.mm.samples import MMInputs, detection_inputs, segmentation_inputs
-from rmoe_platform.stage_model import build_stage_model
+from rmoe_platform.stage.worker.model import build_stage_model
 from rmoe_platform.tasks.base import ImageStats, StageTask, StepOutput
 from rmoe_platform.tasks.classification import without_classes
 

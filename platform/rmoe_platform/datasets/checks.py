@@ -1,33 +1,18 @@
-"""A stage's data on the driver: make sure the dataset exists (generating it from its recipe if asked),
-validate it, and build the streaming Ray Datasets the Train workers read; plus the worker-side helper
-that moves a batch to the device."""
+"""A dataset on the driver, before a stage or an experiment starts: check it without writing anything (present
+and valid, or generatable from its recipe where it should be), and generate it once everything else is valid."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
-
-import ray
-import ray.data
-import torch
 
 from rmoe_platform import storage
-from rmoe_platform.config import DataSpec
-from rmoe_platform.configtools import ConfigError
+from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.config.stage import DataSpec
 from rmoe_platform.datasets.format import DatasetCard, FormatError, dataset_name
-from rmoe_platform.datasets.ingest import (
-    CorruptDataError,
-    DecodeSpec,
-    OpenDataset,
-    create_ledger,
-    load_card,
-    open_dataset,
-    read_split,
-    validate_card,
-)
+from rmoe_platform.datasets.ingest import OpenDataset, load_card, open_dataset, validate_card
 from rmoe_platform.datasets.writer import write_dataset
-from rmoe_platform.s3 import S3Access
+from rmoe_platform.storage.s3 import S3Access
 
 
 @dataclass(frozen=True)
@@ -88,49 +73,3 @@ def _check_recipe(spec: DataSpec, card: DatasetCard, field: str) -> None:
             f"{field}.generate: the dataset at {spec.uri!r} was made from another recipe (differs in: "
             f"{', '.join(differs) or 'source'}); use another data.uri or remove that dataset"
         )
-
-
-@dataclass
-class StageData:
-    """The Ray Datasets of a stage and the ledger that counts their undecodable rows."""
-
-    datasets: dict[str, ray.data.Dataset]
-    ledger: Any
-
-    def skipped_rows(self) -> dict[str, int]:
-        return ray.get(self.ledger.counts.remote())
-
-    def failure(self) -> CorruptDataError | None:
-        """Why the data failed the run, if it did (too many undecodable rows)."""
-        message = ray.get(self.ledger.failure.remote())
-        return None if message is None else CorruptDataError(message)
-
-    def close(self) -> None:
-        ray.kill(self.ledger)
-
-
-def stage_data(opened: OpenDataset, task: str, spec: DataSpec, img_size: int, seed: int) -> StageData:
-    """Train (shard order seeded) and validation (in order) splits of the stage's dataset."""
-    ledger = create_ledger(opened, spec.max_bad_fraction)
-
-    def decode(mode: str) -> DecodeSpec:
-        return DecodeSpec(task, mode, img_size, spec.augment, spec.max_bad_fraction)
-
-    return StageData(
-        {
-            "train": read_split(opened, "train", decode("train"), ledger, seed=seed),
-            "val": read_split(opened, "val", decode("eval"), ledger),
-        },
-        ledger,
-    )
-
-
-class Normalizer:
-    """uint8 NCHW batches → float32 normalised with the dataset's mean/std, on the training device."""
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
-        self.scale = (1.0 / (255.0 * torch.tensor(std, device=device))).view(1, -1, 1, 1)
-        self.shift = (torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, -1, 1, 1)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return images.to(self.scale.device, torch.float32, non_blocking=True) * self.scale - self.shift

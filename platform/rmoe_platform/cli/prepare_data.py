@@ -7,12 +7,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from rmoe_platform.configtools import ConfigError
+from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.datasets import convert
 from rmoe_platform.datasets.format import FormatError, dataset_name
 from rmoe_platform.datasets.scenes import SceneRecipe
 from rmoe_platform.datasets.writer import write_dataset
-from rmoe_platform.s3 import S3Access, S3Options
+from rmoe_platform.storage.s3 import S3Access, S3Options
 
 SIZES = {  # presets for `generate --size`: (train, val)
     "tiny": (64, 32),

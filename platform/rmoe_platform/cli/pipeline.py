@@ -8,8 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from rmoe_platform.configtools import ConfigError
-from rmoe_platform.experiment import PIPELINES, ExperimentConfig
+from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.config.experiment import ExperimentConfig
+from rmoe_platform.names import PIPELINES
 
 
 def pipeline_parser(default_config: Path | None) -> argparse.ArgumentParser:
@@ -70,8 +71,8 @@ def pipeline_main(argv: list[str], default_config: Path | None = None) -> int:
     try:
         exp = load_experiment(args)
         from rmoe_platform.results import ResultsStore
-        from rmoe_platform.runner import ExperimentRunner, format_report
-        from rmoe_platform.s3 import S3Access
+        from rmoe_platform.pipelines.runner import ExperimentRunner, format_report
+        from rmoe_platform.storage.s3 import S3Access
 
         access = S3Access.resolve(exp.s3)
         runner = ExperimentRunner(exp, ResultsStore(exp.results, s3=access), s3=access)

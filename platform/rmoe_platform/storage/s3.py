@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from rmoe_platform.configtools import ConfigError, check
+from rmoe_platform.config.fields import ConfigError, check
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rmoe import MoEConfig
 from rmoe_platform import storage
-from rmoe_platform.config import TASKS, BudgetConfig, DataSpec, HeadConfig, OptimConfig, ScalingSpec
-from rmoe_platform.configtools import ConfigError, check, from_dict, load_yaml, set_path
-from rmoe_platform.s3 import S3Options
+from rmoe_platform.config.stage import BudgetConfig, DataSpec, HeadConfig, OptimConfig, ScalingSpec
+from rmoe_platform.names import METRIC_NAMES, PIPELINES, TASKS
+from rmoe_platform.config.fields import apply_override, check, from_dict, load_yaml
+from rmoe_platform.storage.s3 import S3Options
 
-PIPELINES = ("dense", "moe", "rmoe_i", "rmoe_d", "upcycle")
-METRIC_NAMES = {"classification": "accuracy", "segmentation": "mIoU", "detection": "bbox_mAP"}
 
 
 @dataclass(frozen=True)
@@ -171,15 +168,3 @@ class ExperimentConfig:
         for override in overrides or []:
             apply_override(data, override)
         return cls.from_dict(data)
-
-
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (numbers, lists, null …)."""
-    key, sep, raw = override.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {override!r}: expected key=value")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {override!r}: value is not valid YAML: {err}") from None
-    set_path(data, key.strip(), value, f"--set {override!r}")

@@ -16,9 +16,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from rmoe_platform.config import DataSpec, ModelConfig, StageConfig
-from rmoe_platform.configtools import ConfigError
-from rmoe_platform.experiment import ExperimentConfig, PhaseConfig
+from rmoe_platform.config.stage import DataSpec, ModelConfig, StageConfig
+from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.config.experiment import ExperimentConfig, PhaseConfig
 
 # Fields that do not change what a stage computes (where it writes, how it logs, test hooks).
 _HASH_EXCLUDED = {

@@ -22,7 +22,7 @@ from torch import nn
 
 from rmoe import ModelSpec
 from rmoe.checkpoint import read_metadata, save_state_dict
-from rmoe_platform.expert_parallel import ExpertParallelPlan
+from rmoe_platform.stage.worker.expert_parallel import ExpertParallelPlan
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"

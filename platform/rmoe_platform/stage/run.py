@@ -23,17 +23,18 @@ from torch import nn
 
 from rmoe.upcycle import moe_layers
 from rmoe_platform import storage
-from rmoe_platform.checkpointing import STATE_FILE
-from rmoe_platform.config import StageConfig
-from rmoe_platform.configtools import ConfigError
-from rmoe_platform.data import check_dataset, ensure_dataset, stage_data
+from rmoe_platform.stage.worker.checkpoints import STATE_FILE
+from rmoe_platform.config.stage import StageConfig
+from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.datasets.checks import check_dataset, ensure_dataset
+from rmoe_platform.stage.data import stage_data
 from rmoe_platform.datasets.ingest import OpenDataset
-from rmoe_platform.s3 import S3Access
-from rmoe_platform.stage_model import build_stage_model
+from rmoe_platform.storage.s3 import S3Access
+from rmoe_platform.stage.worker.model import build_stage_model
 from rmoe_platform.tasks import task_for
 from rmoe_platform.tasks.classification import without_classes
-from rmoe_platform.train_loop import train_stage_worker
-from rmoe_platform.trainable import apply_trainable
+from rmoe_platform.stage.worker.loop import train_stage_worker
+from rmoe_platform.stage.worker.trainable import apply_trainable
 
 
 @dataclass(frozen=True)

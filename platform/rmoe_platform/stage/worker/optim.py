@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from rmoe_platform.config import OptimConfig
+from rmoe_platform.config.stage import OptimConfig
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:

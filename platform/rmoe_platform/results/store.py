@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rmoe_platform import storage
-from rmoe_platform.s3 import S3Access
+from rmoe_platform.storage.s3 import S3Access
 
 SCHEMA_VERSION = 1
 

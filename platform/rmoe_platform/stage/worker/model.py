@@ -9,8 +9,8 @@ from torch import nn
 
 from rmoe import ModelSpec, build_model, convert_layers, find_mlp_layers, resolve_layers, upcycle
 from rmoe.checkpoint import load_weights
-from rmoe_platform.checkpointing import MODEL_FILE, checkpoint_spec, load_model_state
-from rmoe_platform.config import StageConfig
+from rmoe_platform.stage.worker.checkpoints import MODEL_FILE, checkpoint_spec, load_model_state
+from rmoe_platform.config.stage import StageConfig
 
 
 def model_dir(checkpoint: Path) -> Path:

@@ -14,15 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from rmoe_platform import storage
-from rmoe_platform.accounting import SECONDS_PER_DAY, Cost, stage_cost, total
-from rmoe_platform.configtools import ConfigError
-from rmoe_platform.data import DatasetCheck, check_dataset, ensure_dataset
+from rmoe_platform.pipelines.accounting import SECONDS_PER_DAY, Cost, stage_cost, total
+from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.datasets.checks import DatasetCheck, check_dataset, ensure_dataset
 from rmoe_platform.datasets.format import DatasetCard
-from rmoe_platform.experiment import METRIC_NAMES, ExperimentConfig
-from rmoe_platform.pipelines import StageNode, plan_pipelines, shared_keys
+from rmoe_platform.config.experiment import ExperimentConfig
+from rmoe_platform.names import METRIC_NAMES
+from rmoe_platform.pipelines.graph import StageNode, plan_pipelines, shared_keys
 from rmoe_platform.results import ResultsStore
-from rmoe_platform.s3 import S3Access
-from rmoe_platform.stage import StageResult, run_stage
+from rmoe_platform.storage.s3 import S3Access
+from rmoe_platform.stage.run import StageResult, run_stage
 
 
 @dataclass

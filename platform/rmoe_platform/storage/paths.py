@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from rmoe_platform.configtools import ConfigError
-from rmoe_platform.s3 import S3Access, explain_error
+from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.storage.s3 import S3Access, explain_error
 
 
 def is_remote(uri: str) -> bool:

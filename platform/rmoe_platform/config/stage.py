@@ -11,13 +11,13 @@ import timm
 
 import rmoe  # noqa: F401  (registers the rmoe_* timm models)
 from rmoe import ModelSpec, MoEConfig
-from rmoe_platform.configtools import ConfigError, check, from_dict, load_yaml
+from rmoe_platform.config.fields import ConfigError, check, from_dict, load_yaml
+from rmoe_platform.names import TASKS
 from rmoe_platform.datasets.scenes import SceneRecipe
 from rmoe_platform.datasets.transforms import AugmentSpec
-from rmoe_platform.s3 import S3Options
+from rmoe_platform.storage.s3 import S3Options
 
 TRAINABLE_GROUPS = ("all", "residual", "router", "experts", "core", "moe", "head", "non_moe")
-TASKS = ("classification", "segmentation", "detection")
 NORMS = ("BN", "SyncBN", "GN")
 
 

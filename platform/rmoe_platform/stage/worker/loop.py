@@ -17,14 +17,14 @@ from torch import nn
 
 import rmoe
 from rmoe import ModelSpec
-from rmoe_platform.checkpointing import TrainProgress, restore_training_state, save_training_checkpoint
-from rmoe_platform.config import StageConfig
-from rmoe_platform.expert_parallel import ExpertParallelPlan, parallelize
-from rmoe_platform.optim import build_optimizer, build_schedule
-from rmoe_platform.s3 import S3Access
+from rmoe_platform.stage.worker.checkpoints import TrainProgress, restore_training_state, save_training_checkpoint
+from rmoe_platform.config.stage import StageConfig
+from rmoe_platform.stage.worker.expert_parallel import ExpertParallelPlan, parallelize
+from rmoe_platform.stage.worker.optim import build_optimizer, build_schedule
+from rmoe_platform.storage.s3 import S3Access
 from rmoe_platform.storage import download
 from rmoe_platform.tasks import StageTask, task_for
-from rmoe_platform.trainable import apply_trainable
+from rmoe_platform.stage.worker.trainable import apply_trainable
 
 HISTORY_LIMIT = 500  # records of a stage's history in its results row (paper-scale runs stay small)
 _NOT_IN_HISTORY = ("history", "final", "world_size", "resumed_from_step")

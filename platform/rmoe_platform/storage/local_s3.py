@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from rmoe_platform.s3 import S3Access
+from rmoe_platform.storage.s3 import S3Access
 
 
 def free_port() -> int:

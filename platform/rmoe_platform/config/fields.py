@@ -87,3 +87,15 @@ def set_path(data: dict[str, Any], path: str, value: Any, where: str) -> None:
             raise ConfigError(f"{where}: {part} is not a mapping")
         node = child
     node[parts[-1]] = value
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (numbers, lists, null …)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {override!r}: expected key=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {override!r}: value is not valid YAML: {err}") from None
+    set_path(data, key.strip(), value, f"--set {override!r}")

@@ -1,0 +1,48 @@
+"""A stage's data on the driver: the streaming Ray Datasets its Train workers read (train: shard order
+seeded per epoch; val: in order) and the ledger actor that counts their undecodable rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.data
+
+from rmoe_platform.config.stage import DataSpec
+from rmoe_platform.datasets.ingest import CorruptDataError, DecodeSpec, OpenDataset, create_ledger, read_split
+
+
+@dataclass
+class StageData:
+    """The Ray Datasets of a stage and the ledger that counts their undecodable rows."""
+
+    datasets: dict[str, ray.data.Dataset]
+    ledger: Any
+
+    def skipped_rows(self) -> dict[str, int]:
+        return ray.get(self.ledger.counts.remote())
+
+    def failure(self) -> CorruptDataError | None:
+        """Why the data failed the run, if it did (too many undecodable rows)."""
+        message = ray.get(self.ledger.failure.remote())
+        return None if message is None else CorruptDataError(message)
+
+    def close(self) -> None:
+        ray.kill(self.ledger)
+
+
+def stage_data(opened: OpenDataset, task: str, spec: DataSpec, img_size: int, seed: int) -> StageData:
+    """Train (shard order seeded) and validation (in order) splits of the stage's dataset."""
+    ledger = create_ledger(opened, spec.max_bad_fraction)
+
+    def decode(mode: str) -> DecodeSpec:
+        return DecodeSpec(task, mode, img_size, spec.augment, spec.max_bad_fraction)
+
+    return StageData(
+        {
+            "train": read_split(opened, "train", decode("train"), ledger, seed=seed),
+            "val": read_split(opened, "val", decode("eval"), ledger),
+        },
+        ledger,
+    )
