@@ -26,12 +26,13 @@ import torch
 from ray.train import DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from rmoe_platform.tasks.normalizer import Normalizer
+from rmoe_platform.cluster import start_local
 from rmoe_platform.datasets import AugmentSpec, SceneRecipe, write_dataset
 from rmoe_platform.datasets import transforms as T
 from rmoe_platform.datasets.codec import decode_image
 from rmoe_platform.datasets.ingest import DecodeSpec, create_ledger, open_dataset, read_split
 from rmoe_platform.storage.local_s3 import LocalS3
+from rmoe_platform.tasks.normalizer import Normalizer
 
 
 def plain_loop(root: Path, card, size: int, batch: int) -> float:
@@ -112,7 +113,7 @@ def main() -> None:
         # The Train worker mostly waits for batches (on a GPU node it would hold a core of its own), so it
         # gets one logical CPU on top of the machine's: the decode tasks may use every real core.
         cpus = (os.cpu_count() or 1) + 1
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        start_local(cpus, include_dashboard=False)
         try:
             plain, streamed, first = [], [], []
             for round_index in range(args.rounds):

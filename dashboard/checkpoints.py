@@ -2,14 +2,20 @@
 
 The header is read first and then only the wanted byte ranges, so looking at a paper-scale model's
 experts neither downloads the whole file nor imports torch (bf16 is widened to float32 by hand).
+Which tensors are experts, cores or residuals is decided by `rmoe.moe.roles`, the same function training
+uses; that file is standard library only and is loaded on its own (importing the `rmoe` package would
+import torch).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import re
 import struct
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -17,11 +23,30 @@ import pyarrow.fs as pafs
 MODEL_FILE = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
-# Expert and dense-MLP weights of MoE layers (see rmoe/moe/experts.py for the names and shapes).
-EXPERT_KEY = re.compile(
-    r"^(?P<layer>.+)\.experts\.(?P<name>core_w1_DH|core_w2_HO|res_w1_EDH|res_w2_EHO|res_w1_a_EDR|res_w1_b_ERH"
-    r"|res_w2_a_EHR|res_w2_b_ERO|w1_EDH|w2_EHO)$"
-)
+
+
+def _load_roles() -> ModuleType:
+    """`rmoe.moe.roles`, executed from its file without running `rmoe/__init__.py` (find_spec locates a
+    top-level package without importing it)."""
+    package = importlib.util.find_spec("rmoe")
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("dashboard: the rmoe package is not installed")
+    path = Path(next(iter(package.submodule_search_locations))) / "moe" / "roles.py"
+    spec = importlib.util.spec_from_file_location("_rmoe_parameter_roles", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while building the class
+    spec.loader.exec_module(module)
+    return module
+
+
+roles = _load_roles()
+
+
+def expert_weight(name: str):  # -> roles.MoEParameter | None
+    """The MoE layer, role and tensor of an experts' weight (matrix or low-rank factor), else None."""
+    found = roles.moe_parameter(name)
+    return found if found is not None and found.is_expert_weight else None
 
 
 def model_path(checkpoint_uri: str) -> str:
@@ -55,7 +80,7 @@ def _decode(raw: bytes, dtype: str, shape: list[int], name: str) -> np.ndarray:
 
 def expert_tensors(fs: pafs.FileSystem, path: str) -> dict[str, np.ndarray]:
     """Every MoE layer's expert (and core) weights in the checkpoint."""
-    return read_tensors(fs, path, lambda name: EXPERT_KEY.match(name) is not None)
+    return read_tensors(fs, path, lambda name: expert_weight(name) is not None)
 
 
 def dense_mlp_tensors(fs: pafs.FileSystem, path: str, layers: list[str]) -> dict[str, np.ndarray]:

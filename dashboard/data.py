@@ -69,9 +69,10 @@ def expert_analysis(checkpoint_uri: str, parent_uris: tuple[str, ...] = ()) -> E
         tensors = checkpoints.expert_tensors(*_fs(checkpoints.model_path(checkpoint_uri)))
     except (ConfigError, ValueError, OSError, KeyError) as err:
         raise LoadError(f"Cannot read the expert weights of {checkpoint_uri!r}: {err}") from None
-    layer_names = sorted({m["layer"] for k in tensors if (m := checkpoints.EXPERT_KEY.match(k))})
+    weights = [found for k in tensors if (found := checkpoints.expert_weight(k)) is not None]
+    layer_names = sorted({found.layer for found in weights})
     parent: dict = {}
-    if any(k.endswith(".experts.w1_EDH") for k in tensors):  # plain experts: look for the dense parent
+    if any(found.role == "expert" for found in weights):  # plain experts: look for the dense parent
         for uri in parent_uris:
             try:
                 parent = checkpoints.dense_mlp_tensors(*_fs(checkpoints.model_path(uri)), layer_names)

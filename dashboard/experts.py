@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from dashboard.checkpoints import EXPERT_KEY
+from dashboard.checkpoints import expert_weight
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,9 @@ def layer_experts(
     """Every MoE layer of a checkpoint's tensors (see `checkpoints.expert_tensors`), in model order."""
     by_layer: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
-        match = EXPERT_KEY.match(key)
-        if match:
-            by_layer.setdefault(match["layer"], {})[match["name"]] = np.asarray(value, dtype=np.float32)
+        found = expert_weight(key)
+        if found is not None:
+            by_layer.setdefault(found.layer, {})[found.tensor] = np.asarray(value, dtype=np.float32)
     out = []
     for layer in sorted(by_layer, key=_natural):
         parts = by_layer[layer]

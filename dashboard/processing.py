@@ -1,6 +1,7 @@
 """Pure functions from results-store rows to what the dashboard shows: parsing with per-row tolerance,
-filters, cost units, the overview's points (frontier, dense/MoE references, Δ and ratios), stage
-breakdowns, lineage, sweep pivots and training histories. No Streamlit here: all of it is unit-tested."""
+filters, cost units, the overview's points (frontier, dense/MoE references, Δ and ratios) and sweep
+pivots; `lineage` (stage breakdowns) and `runs` (histories, run detail) build on them. No Streamlit here:
+all of it is unit-tested."""
 
 from __future__ import annotations
 
@@ -162,7 +163,7 @@ def apply_filters(frame: pd.DataFrame, filters: Filters) -> pd.DataFrame:
 def cost_of(row: Mapping[str, Any], unit: CostUnit) -> float:
     """One row's cost in `unit` (NaN when the row lacks it, e.g. GPU-days of rows from before the column)."""
     value = row.get(unit.column)
-    if value is None or _isnan(value):
+    if value is None or isnan(value):
         return math.nan
     return float(value) * unit.scale
 
@@ -188,7 +189,7 @@ def _stage_metrics(frame: pd.DataFrame) -> dict[str, dict[str, Any]]:
     return {rid: m for rid, m in zip(stages["run_id"], stages["metrics"], strict=True) if isinstance(m, dict)}
 
 
-def _isnan(value: Any) -> bool:
+def isnan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
@@ -281,7 +282,7 @@ def reference_index(points: pd.DataFrame, pipeline: str) -> list[int]:
 
 def pareto_mask(costs: Sequence[float], metrics: Sequence[float]) -> list[bool]:
     """Which points lie on the Pareto frontier (higher metric, lower cost is better)."""
-    clean = [None if _isnan(c) else c for c in costs], [None if _isnan(m) else m for m in metrics]
+    clean = [None if isnan(c) else c for c in costs], [None if isnan(m) else m for m in metrics]
     front = set(pareto_front(*clean, maximize=True))
     return [i in front for i in range(len(costs))]
 
@@ -308,90 +309,6 @@ def paper_table(points: pd.DataFrame, metric: str, unit: CostUnit) -> pd.DataFra
     order = {name: i for i, name in enumerate(PIPELINES)}
     table["_order"] = table["pipeline"].map(order).fillna(len(order))
     return table.sort_values(["experiment", "_order"], kind="stable").drop(columns="_order").reset_index(drop=True)
-
-
-# ---- pipelines: stage breakdown and lineage ---------------------------------------------------------
-def stage_breakdown(frame: pd.DataFrame, unit: CostUnit) -> pd.DataFrame:
-    """Each pipeline run's stages in order with their cost in `unit` (from the stage's own row when the
-    store has it, else from the pipeline row's summary) and whether pipelines share the stage."""
-    stage_rows = {r["run_id"]: r for r in frame[frame["row_type"] == "stage"].to_dict("records")}
-    out = []
-    for row in latest_pipeline_rows(frame).to_dict("records"):
-        stages = (row["config"] or {}).get("stages") or []
-        for position, entry in enumerate(stages):
-            if not isinstance(entry, dict):
-                continue
-            source = stage_rows.get(entry.get("run_id"), entry)
-            out.append(
-                {
-                    "experiment": row["experiment"],
-                    "group": row["group"],
-                    "params": row["params_label"],
-                    "pipeline": row["pipeline"],
-                    "position": position,
-                    "stage": entry.get("stage"),
-                    "run_id": entry.get("run_id"),
-                    "status": entry.get("status"),
-                    "shared": bool(entry.get("shared")),
-                    "cost": cost_of(source, unit),
-                }
-            )
-    columns = ["experiment", "group", "params", "pipeline", "position", "stage", "run_id", "status", "shared", "cost"]
-    return pd.DataFrame(out, columns=columns)
-
-
-def lineage(frame: pd.DataFrame, run_id: str) -> pd.DataFrame:
-    """The stage runs from the first ancestor down to `run_id`, following `parent_run_id`."""
-    stages = frame[frame["row_type"] == "stage"].drop_duplicates("run_id", keep="last").set_index("run_id")
-    chain: list[str] = []
-    current: Any = run_id
-    while isinstance(current, str) and current and current not in chain:
-        chain.append(current)
-        current = stages.at[current, "parent_run_id"] if current in stages.index else None
-    rows = []
-    for rid in reversed(chain):
-        found = rid in stages.index
-        rows.append(
-            {
-                "stage": stages.at[rid, "stage"] if found else "(not in the store)",
-                "run_id": rid,
-                "status": stages.at[rid, "status"] if found else None,
-                "checkpoint_uri": stages.at[rid, "checkpoint_uri"] if found else None,
-            }
-        )
-    return pd.DataFrame(rows, columns=["stage", "run_id", "status", "checkpoint_uri"])
-
-
-def lineage_dot(breakdown: pd.DataFrame) -> str:
-    """A Graphviz graph of the stage runs (shared ones once, filled) and the pipelines they feed."""
-    lines = ["digraph lineage {", "  rankdir=LR;", '  node [shape=box, style="rounded", fontsize=10];']
-    seen: set[str] = set()
-    for (_, pipeline), stages in breakdown.groupby(["group", "pipeline"], sort=False):
-        previous = None
-        for entry in stages.sort_values("position").to_dict("records"):
-            node = _dot_id(entry["run_id"] or f"{pipeline}-{entry['position']}")
-            if node not in seen:
-                seen.add(node)
-                style = ', style="rounded,filled", fillcolor="#dde8f5"' if entry["shared"] else ""
-                label = f"{entry['stage']}\\n{entry['run_id'] or ''}\\n{entry['status']}"
-                lines.append(f'  {node} [label="{_dot_escape(label)}"{style}];')
-            if previous is not None:
-                lines.append(f"  {previous} -> {node};")
-            previous = node
-        leaf = _dot_id(f"pipeline-{stages['group'].iloc[0]}-{pipeline}")
-        lines.append(f'  {leaf} [label="{_dot_escape(str(pipeline))}", shape=ellipse];')
-        if previous is not None:
-            lines.append(f"  {previous} -> {leaf} [style=dashed];")
-    lines.append("}")
-    return "\n".join(lines)
-
-
-def _dot_id(text: str) -> str:
-    return '"' + _dot_escape(text) + '"'
-
-
-def _dot_escape(text: str) -> str:
-    return text.replace('"', "'")
 
 
 # ---- sweeps ---------------------------------------------------------------------------------------
@@ -422,123 +339,3 @@ def sweep_pivot(trials: pd.DataFrame, x: str, y: str | None, value: str) -> pd.D
     keys = [x] if y is None or y == x else [x, y]
     present = trials.dropna(subset=[value])
     return present.groupby(keys, as_index=False).agg(value=(value, "mean"), trials=(value, "size"))
-
-
-# ---- histories ------------------------------------------------------------------------------------
-def history_frame(history: list[dict[str, Any]] | None) -> pd.DataFrame:
-    """A stage's reports as a wide numeric table, one row per report, in step order."""
-    if not history:
-        return pd.DataFrame(columns=["step"])
-    frame = pd.DataFrame.from_records(history)
-    frame = frame.apply(pd.to_numeric, errors="coerce").dropna(axis=1, how="all")
-    if "step" not in frame.columns:
-        frame["step"] = range(1, len(frame) + 1)
-    return frame.sort_values("step", kind="stable").reset_index(drop=True)
-
-
-def curve_groups(columns: Iterable[str]) -> dict[str, list[str]]:
-    """The history's series grouped into the charts of the run-detail page."""
-    columns = list(columns)
-    validation = [c for c in columns if c.startswith("val_") and c not in NOT_METRICS]
-    groups = {
-        "loss": [c for c in ("loss", "task_loss", "aux_loss", "val_loss") if c in columns]
-        + sorted(c for c in columns if c.startswith("loss/")),
-        "validation": sorted(validation),
-        "learning rate": [c for c in columns if c == "lr"],
-        "gradient norm": [c for c in columns if c == "grad_norm"],
-    }
-    return {name: keys for name, keys in groups.items() if keys}
-
-
-def curves(history: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
-    """Long format (step, series, value) of `keys`, for one multi-line chart."""
-    present = [k for k in keys if k in history.columns]
-    if not present:
-        return pd.DataFrame(columns=["step", "series", "value"])
-    long = history.melt(id_vars="step", value_vars=present, var_name="series", value_name="value")
-    return long.dropna(subset=["value"]).reset_index(drop=True)
-
-
-def moe_layers(keys: Iterable[str]) -> list[str]:
-    """MoE layer names in `moe/<layer>/<stat>` keys, in model order."""
-    layers = {key[4:].rsplit("/", 1)[0] for key in keys if key.startswith("moe/") and key.count("/") >= 2}
-    return sorted(layers, key=_natural)
-
-
-def _natural(name: str) -> list[Any]:
-    return [int(part) if part.isdigit() else part for part in name.replace("/", ".").split(".")]
-
-
-def expert_loads(history: pd.DataFrame, layer: str) -> pd.DataFrame:
-    """(step, expert, fraction): each expert's share of the layer's routed tokens over training."""
-    prefix = f"moe/{layer}/load_"
-    keys = sorted((c for c in history.columns if c.startswith(prefix)), key=lambda c: int(c[len(prefix) :]))
-    long = curves(history, keys)
-    long["expert"] = long.pop("series").str[len(prefix) :].astype(int)
-    return long.rename(columns={"value": "fraction"})[["step", "expert", "fraction"]]
-
-
-def layer_stats(history: pd.DataFrame, layer: str, stats: Sequence[str]) -> pd.DataFrame:
-    """(step, series, value) of a layer's router statistics over training."""
-    long = curves(history, [f"moe/{layer}/{stat}" for stat in stats])
-    long["series"] = long["series"].str.rsplit("/", n=1).str[-1]
-    return long
-
-
-def telemetry_table(telemetry: Mapping[str, Any] | None) -> pd.DataFrame:
-    """A stage's final MoE telemetry, one row per layer and one column per statistic (loads excluded)."""
-    rows: dict[str, dict[str, Any]] = {}
-    for key, value in (telemetry or {}).items():
-        if not key.startswith("moe/") or key.count("/") < 2:
-            continue
-        layer, stat = key[4:].rsplit("/", 1)
-        if not stat.startswith("load_"):
-            rows.setdefault(layer, {"layer": layer})[stat] = value
-    return pd.DataFrame([rows[k] for k in sorted(rows, key=_natural)])
-
-
-# ---- run detail -----------------------------------------------------------------------------------
-def run_label(row: Mapping[str, Any]) -> str:
-    extra = f" [{row['params_label']}]" if row.get("params_label") else ""
-    return f"{row.get('experiment')} · {row.get('stage')} · {row.get('status')}{extra} · {row.get('run_id')}"
-
-
-def stage_runs(frame: pd.DataFrame) -> pd.DataFrame:
-    """Stage rows, newest first (the run pickers' order)."""
-    stages = frame[frame["row_type"] == "stage"].copy()
-    stages["_order"] = range(len(stages))
-    stages = stages.sort_values(["finished_at", "_order"], ascending=False, na_position="last", kind="stable")
-    return stages.drop(columns="_order").reset_index(drop=True)
-
-
-def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """Rows as dicts with missing values as None (pandas gives NaN for a missing string)."""
-    return [{k: None if _isnan(v) else v for k, v in row.items()} for row in frame.to_dict("records")]
-
-
-def has_moe(row: Mapping[str, Any]) -> bool:
-    """Evidence that a stage trained MoE layers (downstream rows of MoE pipelines have no `num_experts`)."""
-    if row.get("num_experts") is not None and not _isnan(row.get("num_experts")):
-        return True
-    keys = set(row.get("telemetry") or {}) | {k for r in (row.get("history") or [])[-1:] for k in r}
-    if any(k.startswith("moe/") for k in keys):
-        return True
-    return row.get("stage_kind") == "downstream" and row.get("pipeline") not in (None, "dense")
-
-
-def expert_runs(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """Succeeded stage runs for the Experts page: MoE ones first, those with a checkpoint and a MoE
-    history before the others, newest first within each."""
-
-    def rank(row: Mapping[str, Any]) -> tuple[bool, bool, bool]:
-        last = (row.get("history") or [{}])[-1]
-        return (not has_moe(row), not row.get("checkpoint_uri"), not any(k.startswith("moe/") for k in last))
-
-    return sorted((r for r in records(stage_runs(frame)) if r.get("status") == "succeeded"), key=rank)
-
-
-def run_summary(row: Mapping[str, Any]) -> pd.DataFrame:
-    """The scalar fields of one row as a two-column table."""
-    skip = set(JSON_COLUMNS) | {"error", "group", "params_label", "schema_version"}
-    items = [(k, v) for k, v in row.items() if k not in skip and v is not None and not _isnan(v)]
-    return pd.DataFrame({"field": [k for k, _ in items], "value": [str(v) for _, v in items]})

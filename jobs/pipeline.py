@@ -18,7 +18,7 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(_ROOT), str(_ROOT / "platform")]
 
-from rmoe_platform.cli.pipeline import pipeline_main  # noqa: E402
+from rmoe_platform.cli.pipeline import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(pipeline_main(sys.argv[1:], default_config=_ROOT / "configs" / "demo.yaml"))
+    sys.exit(main(sys.argv[1:], default_config=_ROOT / "configs" / "demo.yaml"))

@@ -14,10 +14,10 @@ from rmoe.moe import (
     TopKRouter,
     moe_mlp_layer,
 )
-from rmoe.selection import firefly_scores, resolve_layers, select_firefly
+from rmoe.selection import firefly_scores, select_firefly
 from rmoe.spec import ModelSpec, build_model, spec_of
 from rmoe.telemetry import MoEAuxSummary, collect_moe_aux, forward_with_aux, residual_norm_ratios
-from rmoe.upcycle import convert_layers, find_mlp_layers, merge_residual_experts, moe_layers, upcycle
+from rmoe.upcycle import convert_layers, find_mlp_layers, merge_residual_experts, moe_layers, resolve_layers, upcycle
 
 __all__ = [
     "AuxLossWeights",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -14,7 +14,7 @@ from torch import nn
 
 from rmoe.moe.config import MoEConfig
 from rmoe.spec import ModelSpec, build_model, spec_of
-from rmoe.upcycle import upcycle
+from rmoe.upcycle import LayerSpec, upcycle
 
 CHECKPOINT_FORMAT = "rmoe-safetensors-v1"
 
@@ -109,7 +109,7 @@ def load_model(path: str | os.PathLike[str], *, spec: ModelSpec | None = None) -
 
 def upcycle_checkpoint(
     path: str | os.PathLike[str],
-    layers: Sequence[int],
+    layers: LayerSpec,
     config: MoEConfig,
     *,
     spec: ModelSpec | None = None,
@@ -120,6 +120,5 @@ def upcycle_checkpoint(
     dense_spec = spec_of(model)
     if dense_spec.is_moe:
         raise ValueError(f"checkpoint: {str(path)!r} is already an MoE model (layers {list(dense_spec.moe_layers)})")
-    upcycle(model, layers, config, seed=seed)
-    model.rmoe_spec = dense_spec.with_moe(tuple(layers), config)
+    upcycle(model, layers, config, seed=seed)  # records the MoE in model.rmoe_spec
     return model

@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model = copy.deepcopy(dense)
     config = rmoe.MoEConfig(num_experts=args.experts, top_k=1, init_noise=0.01, freeze_core=True)
-    rmoe.upcycle(model, layers, config)
-    model.rmoe_spec = rmoe.spec_of(dense).with_moe(layers, config)
+    rmoe.upcycle(model, layers, config)  # the copy of the dense model carries its spec: the MoE is recorded
     upcycled_acc = accuracy(model, val_set)
     trainable = train_only(model, ("router.", ".res_"))
     train(model, train_set, args.residual_steps, lr=1e-3)

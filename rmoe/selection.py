@@ -15,52 +15,13 @@ different directions. The `n` layers with the largest S_l are converted.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from rmoe.upcycle import check_layer_indices, find_mlp_layers
-
-LayerSpec = str | Sequence[int]
-
-
-def resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
-    """Static selection: 'every_other' (1, 3, 5, … as in V-MoE), 'last_<n>', 'all', 'none',
-    '1,3,5' or a sequence of indices."""
-    if isinstance(spec, str):
-        text = spec.strip().lower()
-        if text == "every_other":
-            return list(range(1, num_layers, 2))
-        if text == "all":
-            return list(range(num_layers))
-        if text in ("none", ""):
-            return []
-        if text.startswith("last_"):
-            n = _positive_int(text.removeprefix("last_"), spec)
-            if n > num_layers:
-                raise ValueError(f"moe_layers: {spec!r} asks for {n} layers but the model has {num_layers}")
-            return list(range(num_layers - n, num_layers))
-        if text.startswith("firefly"):
-            raise ValueError("moe_layers: 'firefly' needs calibration data; use rmoe.select_firefly(...)")
-        try:
-            indices = [int(part) for part in text.split(",")]
-        except ValueError:
-            raise ValueError(
-                f"moe_layers: unknown selection {spec!r}; use every_other, last_<n>, all, none, "
-                "explicit indices like '1,3', or firefly via rmoe.select_firefly"
-            ) from None
-    else:
-        indices = list(spec)
-    check_layer_indices(indices, num_layers)
-    return sorted(set(indices))
-
-
-def _positive_int(text: str, spec: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"moe_layers: {spec!r} needs a positive layer count")
-    return int(text)
+from rmoe.upcycle import find_mlp_layers
 
 
 @dataclass

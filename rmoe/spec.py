@@ -47,6 +47,10 @@ class ModelSpec:
     def with_moe(self, layers: tuple[int, ...] | list[int], moe: MoEConfig) -> ModelSpec:
         return ModelSpec(self.arch, dict(self.model_kwargs), tuple(layers), moe)
 
+    def with_kwargs(self, **changes: Any) -> ModelSpec:
+        """The same spec with some model kwargs changed (a new head's `num_classes`, a task's `img_size`)."""
+        return ModelSpec(self.arch, {**self.model_kwargs, **changes}, self.moe_layers, self.moe)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "arch": self.arch,

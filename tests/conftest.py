@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rmoe_platform.cluster import start_local
 from rmoe_platform.storage.local_s3 import LocalS3, S3Endpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -28,14 +29,7 @@ def ray_local():
     """A local Ray instance for the whole session, shut down by the handle that started it."""
     import ray
 
-    context = ray.init(
-        num_cpus=6,
-        include_dashboard=True,  # Ray's state API: Train's placement-group cleaner needs it (sweeps' ASHA)
-        dashboard_host="127.0.0.1",
-        log_to_driver=False,
-        namespace="rmoe-tests",
-        _node_ip_address="127.0.0.1",  # keep the test cluster on loopback
-    )
+    context = start_local(6, namespace="rmoe-tests")  # on loopback, as the jobs start it
     try:
         yield context
     finally:

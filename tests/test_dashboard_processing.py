@@ -17,7 +17,7 @@ import pytest
 from dashboard_store import full_rows, history, write_checkpoints, write_full_store, write_malformed_store
 from safetensors.numpy import load_file
 
-from dashboard import checkpoints, experts, processing
+from dashboard import checkpoints, experts, lineage, processing, runs
 from dashboard.processing import COST_UNITS
 from rmoe_platform.results import ResultsStore
 
@@ -104,7 +104,7 @@ def test_filters(frame: pd.DataFrame) -> None:
 
 
 def test_stage_breakdown_and_lineage(frame: pd.DataFrame) -> None:
-    breakdown = processing.stage_breakdown(frame, COST_UNITS["gpu_days"])
+    breakdown = lineage.stage_breakdown(frame, COST_UNITS["gpu_days"])
     rmoe_i = breakdown[(breakdown["group"] == "exp-a||") & (breakdown["pipeline"] == "rmoe_i")]
     assert list(rmoe_i["stage"]) == ["upstream_dense", "rmoe_i/residual", "rmoe_i/downstream"]
     assert list(rmoe_i["shared"]) == [True, False, False]
@@ -114,10 +114,10 @@ def test_stage_breakdown_and_lineage(frame: pd.DataFrame) -> None:
     for key, cost in summed.items():
         if key[0].startswith("exp-a|"):  # exp-seg reports mIoU, not accuracy
             assert points.loc[key, "cost"] == pytest.approx(cost), key
-    chain = processing.lineage(frame, "rmoe_i-down")
+    chain = lineage.lineage(frame, "rmoe_i-down")
     assert list(chain["run_id"]) == ["up-dense", "res-i", "rmoe_i-down"]
-    assert list(processing.lineage(frame, "nowhere")["stage"]) == ["(not in the store)"]
-    dot = processing.lineage_dot(breakdown[breakdown["group"] == "exp-a||"])
+    assert list(lineage.lineage(frame, "nowhere")["stage"]) == ["(not in the store)"]
+    dot = lineage.lineage_dot(breakdown[breakdown["group"] == "exp-a||"])
     assert dot.count('"up-dense" [') == 1, "a shared stage is drawn once"
     assert '"up-dense" -> "res-i"' in dot and "fillcolor" in dot
 
@@ -154,27 +154,27 @@ def test_malformed_rows_become_warnings(tmp_path: Path) -> None:
     assert frame.loc[frame["run_id"] == "dense-down", "config"].item() is None
     view = processing.overview(frame, "accuracy", COST_UNITS["dollars"])
     assert view.notes, "the pipeline row without metric/cost is listed, not plotted"
-    assert processing.stage_breakdown(frame, COST_UNITS["dollars"]) is not None
+    assert lineage.stage_breakdown(frame, COST_UNITS["dollars"]) is not None
 
 
 def test_history_curves_and_loads() -> None:
     records = history()
-    wide = processing.history_frame(records)
+    wide = runs.history_frame(records)
     assert list(wide["step"]) == list(range(2, 21, 2))
-    groups = processing.curve_groups(wide.columns)
+    groups = runs.curve_groups(wide.columns)
     assert groups["loss"] == ["loss", "task_loss", "aux_loss", "val_loss"] and groups["validation"] == ["val_accuracy"]
-    long = processing.curves(wide, groups["validation"])
+    long = runs.curves(wide, groups["validation"])
     assert list(long["step"]) == [10, 20], "only the reports that evaluated"
-    assert processing.moe_layers(wide.columns) == ["blocks.1.mlp"]
-    loads = processing.expert_loads(wide, "blocks.1.mlp")
+    assert runs.moe_layers(wide.columns) == ["blocks.1.mlp"]
+    loads = runs.expert_loads(wide, "blocks.1.mlp")
     assert sorted(loads["expert"].unique()) == [0, 1, 2, 3]
     assert loads.groupby("step")["fraction"].sum().to_numpy() == pytest.approx(np.ones(10))
-    stats = processing.layer_stats(wide, "blocks.1.mlp", ["router_entropy"])
+    stats = runs.layer_stats(wide, "blocks.1.mlp", ["router_entropy"])
     assert set(stats["series"]) == {"router_entropy"} and len(stats) == 10
-    assert processing.history_frame(None).empty
-    table = processing.telemetry_table({"moe/a.1/router_entropy": 1.0, "moe/a.1/load_0": 0.5, "other": 1})
+    assert runs.history_frame(None).empty
+    table = runs.telemetry_table({"moe/a.1/router_entropy": 1.0, "moe/a.1/load_0": 0.5, "other": 1})
     assert table.to_dict("records") == [{"layer": "a.1", "router_entropy": 1.0}]
-    assert processing.moe_layers(["moe/layers.10.mlp/x", "moe/layers.2.mlp/x"]) == ["layers.2.mlp", "layers.10.mlp"]
+    assert runs.moe_layers(["moe/layers.10.mlp/x", "moe/layers.2.mlp/x"]) == ["layers.2.mlp", "layers.10.mlp"]
 
 
 def test_empty_store_parses_to_an_empty_frame() -> None:
@@ -183,22 +183,22 @@ def test_empty_store_parses_to_an_empty_frame() -> None:
     parsed = processing.parse_rows(SCHEMA.empty_table())
     assert parsed.frame.empty and parsed.warnings == []
     assert processing.overview(parsed.frame, "accuracy", COST_UNITS["dollars"]).points.empty
-    assert processing.stage_breakdown(parsed.frame, COST_UNITS["dollars"]).empty
+    assert lineage.stage_breakdown(parsed.frame, COST_UNITS["dollars"]).empty
     assert processing.metric_options(parsed.frame) == []
 
 
 def test_expert_runs_put_inspectable_moe_stages_first(frame: pd.DataFrame) -> None:
-    runs = processing.expert_runs(frame)
-    assert [r["run_id"] for r in runs[:2]] == ["rmoe_i-down", "res-i"], "MoE, checkpoint and MoE history"
-    assert all(r["status"] == "succeeded" for r in runs)
-    assert all(v is None or v == v for r in runs for v in r.values() if isinstance(v, float)), "no NaN"
+    rows = runs.expert_runs(frame)
+    assert [r["run_id"] for r in rows[:2]] == ["rmoe_i-down", "res-i"], "MoE, checkpoint and MoE history"
+    assert all(r["status"] == "succeeded" for r in rows)
+    assert all(v is None or v == v for r in rows for v in r.values() if isinstance(v, float)), "no NaN"
 
 
 def test_has_moe_and_run_helpers() -> None:
     rows = {r["run_id"]: r for r in full_rows({"dense": "d", "residual": "r", "plain": "p"})}
-    assert processing.has_moe(rows["res-i"]) and processing.has_moe(rows["rmoe_i-down"])
-    assert not processing.has_moe(rows["up-dense"]) and not processing.has_moe(rows["dense-down"])
-    summary = processing.run_summary({"run_id": "x", "metric": math.nan, "config": {}, "status": "ok"})
+    assert runs.has_moe(rows["res-i"]) and runs.has_moe(rows["rmoe_i-down"])
+    assert not runs.has_moe(rows["up-dense"]) and not runs.has_moe(rows["dense-down"])
+    summary = runs.run_summary({"run_id": "x", "metric": math.nan, "config": {}, "status": "ok"})
     assert summary["field"].tolist() == ["run_id", "status"]
 
 

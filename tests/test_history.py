@@ -9,7 +9,7 @@ from dataclasses import asdict
 import numpy as np
 
 from rmoe_platform.stage.worker.checkpoints import TrainProgress
-from rmoe_platform.stage.worker.loop import HISTORY_LIMIT, _record, thin_history
+from rmoe_platform.stage.worker.history import HISTORY_LIMIT, record_history, thin_history
 
 
 def _report(step: int, evaluate: bool = False) -> dict:
@@ -22,7 +22,7 @@ def _report(step: int, evaluate: bool = False) -> dict:
 
 def test_records_leave_out_bookkeeping_keys() -> None:
     progress = TrainProgress()
-    _record(progress, _report(1, evaluate=True), final=False)
+    record_history(progress, _report(1, evaluate=True), final=False)
     assert progress.history == [{"step": 1, "loss": 1.0, "val_accuracy": 1e-4}]
 
 
@@ -30,7 +30,7 @@ def test_long_runs_are_thinned_evenly_keeping_ends_and_evaluations() -> None:
     progress = TrainProgress()
     steps = 5000
     for step in range(1, steps + 1):
-        _record(progress, _report(step, evaluate=step % 100 == 0), final=step == steps)
+        record_history(progress, _report(step, evaluate=step % 100 == 0), final=step == steps)
         assert len(progress.history) <= 4 * HISTORY_LIMIT + 1
     history = progress.history
     assert len(history) <= HISTORY_LIMIT and history[0]["step"] == 1 and history[-1]["step"] == steps

@@ -23,9 +23,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from rmoe_platform.cli.pipeline import load_experiment, pipeline_parser
-from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.cli import pipeline as pipeline_cli
 from rmoe_platform.config.experiment import ExperimentConfig
+from rmoe_platform.config.fields import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -242,14 +242,14 @@ def entrypoint_workload(job: Manifest) -> Workload:
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[0] == "python" and (ROOT / argv[1]).is_file(), f"entrypoint runs no job of this repo: {argv[:2]}"
     if argv[1] == "jobs/pipeline.py":
-        args = pipeline_parser(None).parse_args(argv[2:])
+        args = pipeline_cli.parser(None).parse_args(argv[2:])
         args.config = ROOT / args.config
-        return Workload(load_experiment(args))
+        return Workload(pipeline_cli.load_experiment(args))
     if argv[1] == "jobs/sweep.py":
-        from rmoe_platform.cli.pipeline import sweep_parser
+        from rmoe_platform.cli import sweep as sweep_cli
         from rmoe_platform.sweep import SweepConfig
 
-        args = sweep_parser(None).parse_args(argv[2:])
+        args = sweep_cli.parser(None).parse_args(argv[2:])
         overrides = [*args.overrides, *([f"experiment.results={args.results}"] if args.results else [])]
         sweep = SweepConfig.load(ROOT / args.config, overrides)
         return Workload(sweep.experiment, sweep.max_concurrent_trials or 1)
@@ -339,19 +339,18 @@ def coverage_problems(cluster: Manifest, workload: Workload) -> list[str]:
         spec = getattr(exp, field)
         if spec is None or not spec.use_gpu:
             continue
-        resources = spec.resources_per_worker or {}
-        gpu, cpu = resources.get("GPU") or 1, resources.get("CPU", 0)
+        gpu, cpu = spec.gpus_per_worker, spec.cpus_per_worker
         need = workload.trials * spec.num_workers
         peak = sum(g.max_replicas * worker_slots(g, gpu, cpu) for g in groups)
         if peak < need:
             problems.append(
-                f"{exp.name}.{field}: {workload.trials} x {spec.num_workers} workers x {{GPU: {gpu}, CPU: {cpu}}}, "
+                f"{exp.name}.{field}: {workload.trials} x {spec.num_workers} workers x {{GPU: {gpu:g}, CPU: {cpu:g}}}, "
                 f"but the worker groups hold at most {peak} (maxReplicas x workers per pod)"
             )
         cpus_at_start = head_cpus + sum(g.replicas * g.cpus for g in groups)
         if cpus_at_start - cpu * spec.num_workers < 1:
             problems.append(
-                f"{exp.name}.{field}: {spec.num_workers} workers x {cpu} CPU leave none of the {cpus_at_start:g} "
+                f"{exp.name}.{field}: {spec.num_workers} workers x {cpu:g} CPU leave none of the {cpus_at_start:g} "
                 "CPUs up at start for Ray Data (raise replicas/minReplicas or num-cpus)"
             )
     return problems

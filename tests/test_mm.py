@@ -16,8 +16,9 @@ from mmdet.structures.mask import BitmapMasks
 from mmengine.config import Config
 from mmengine.structures import InstanceData, PixelData
 
-from rmoe_platform.config.stage import StageConfig
+from rmoe_platform.config.experiment import ExperimentConfig
 from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.datasets import AugmentSpec, SceneRecipe, write_dataset
 from rmoe_platform.datasets.codec import encode_png, instance_mask_decode, rle_encode
 from rmoe_platform.datasets.convert import SourceError, coco
@@ -29,13 +30,12 @@ from rmoe_platform.datasets.ingest import (
     open_dataset,
     read_split,
 )
-from rmoe_platform.config.experiment import ExperimentConfig
 from rmoe_platform.mm import load_dense_model
 from rmoe_platform.mm.build import build_registered, mm_scope
-from rmoe_platform.results import ResultsStore
 from rmoe_platform.pipelines.runner import ExperimentRunner
-from rmoe_platform.tasks.dense import DenseTask
+from rmoe_platform.results import ResultsStore
 from rmoe_platform.stage.worker.trainable import apply_trainable, group_members
+from rmoe_platform.tasks import DataFacts, task_for
 
 ROOT = Path(__file__).resolve().parents[1]
 NANO = "rmoe_swin_nano_patch4_window4_64"
@@ -178,9 +178,10 @@ def test_ground_truth_as_prediction_scores_one_through_the_stage_evaluation(ray_
     ledger = create_ledger(opened, 0.0)
     try:
         val = read_split(opened, "val", DecodeSpec(task, "eval", 64, AugmentSpec(), 0.0), ledger)
-        dense = DenseTask(task)
+        stats = opened.card.stats
+        dense = task_for(task, DataFacts(stats.mean, stats.std, opened.card.classes))
         batches = val.iter_torch_batches(batch_size=5, collate_fn=dense.collate_fn("val"))
-        metrics = dense.evaluate(Oracle(task, nano_model(task)), batches, torch.device("cpu"), opened.card.classes)
+        metrics = dense.evaluate(Oracle(task, nano_model(task)), batches, torch.device("cpu"))
     finally:
         ray.kill(ledger)
     assert metrics["val_samples"] == 12
@@ -277,7 +278,7 @@ def test_a_dense_stage_refuses_data_of_another_task(tmp_path: Path) -> None:
             "batch_size": 4,
         }
     )
-    from rmoe_platform.stage.run import prepare_stage
+    from rmoe_platform.stage.prepare import prepare_stage
 
     with pytest.raises(ConfigError, match="a segmentation stage needs segmentation data"):
         prepare_stage(config)

@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 
-from rmoe_platform.pipelines.accounting import Cost, stage_cost, total
 from rmoe_platform.config.experiment import ExperimentConfig
+from rmoe_platform.pipelines.accounting import Cost, stage_cost, total
 from rmoe_platform.pipelines.graph import plan_pipelines, shared_keys
+from rmoe_platform.pipelines.report import format_report
+from rmoe_platform.pipelines.runner import ExperimentRunner
 from rmoe_platform.results import ResultsStore
-from rmoe_platform.pipelines.runner import ExperimentRunner, format_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.config.experiment import ExperimentConfig
+from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.storage.s3 import S3Access, S3Options
 
 ENV = {

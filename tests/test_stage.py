@@ -15,13 +15,14 @@ import torch
 from safetensors.torch import load_file
 
 import rmoe
-from rmoe_platform.stage.worker.checkpoints import MODEL_FILE
-from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.datasets import read_card
 from rmoe_platform.datasets.codec import decode_image
 from rmoe_platform.datasets.transforms import normalize
-from rmoe_platform.stage.run import prepare_stage, run_stage
+from rmoe_platform.stage.prepare import prepare_stage
+from rmoe_platform.stage.run import run_stage
+from rmoe_platform.stage.worker.checkpoints import MODEL_FILE
 
 
 def stage_config(tmp_path: Path, **overrides: Any) -> StageConfig:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rmoe_platform.results.analysis import pareto_front
-from rmoe_platform.cli.pipeline import sweep_main
+from rmoe_platform.cli import sweep as sweep_cli
 from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.results.analysis import pareto_front
 from rmoe_platform.sweep import SweepConfig, SweepDriver
 from rmoe_platform.sweep.plan import representative_settings, trial_key
 from rmoe_platform.sweep.report import best_per_budget, format_tables, pareto_rows
@@ -110,7 +110,7 @@ def test_expert_parallel_size_must_divide_every_expert_count(tmp_path: Path) -> 
 
 def test_the_job_exits_2_on_a_bad_space_before_starting_ray(tmp_path: Path, capsys) -> None:
     path = write_sweep(tmp_path, space={"residual_budget": {"grid": [{"steps": -1}]}})
-    assert sweep_main(["--config", str(path)]) == 2
+    assert sweep_cli.main(["--config", str(path)]) == 2
     assert "budget steps must be a positive int, got -1" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
 

@@ -2,34 +2,34 @@
 
 import streamlit as st
 
-from dashboard import charts, data, processing, ui
+from dashboard import charts, data, lineage, runs, ui
 
 ctx = ui.require()
 st.title("Experts")
-records = processing.expert_runs(ctx.frame)
+records = runs.expert_runs(ctx.frame)
 if not records:
     st.info("No finished stage runs under these filters.")
     st.stop()
 index = st.selectbox(
-    "Stage run", range(len(records)), format_func=lambda i: processing.run_label(records[i]), key="experts_run"
+    "Stage run", range(len(records)), format_func=lambda i: runs.run_label(records[i]), key="experts_run"
 )
 row = records[index]
 
 st.subheader("Routing over training")
-history = processing.history_frame(row.get("history"))
-layers = processing.moe_layers(history.columns)
+history = runs.history_frame(row.get("history"))
+layers = runs.moe_layers(history.columns)
 if not layers:
     st.info("This run's history has no MoE telemetry (a dense stage, or a row from before histories).")
 else:
     layer = st.selectbox("Layer", layers, key="experts_layer")
-    loads = processing.expert_loads(history, layer)
+    loads = runs.expert_loads(history, layer)
     if not loads.empty:
         st.altair_chart(charts.load_chart(loads, title=f"{layer}: expert load"), width="stretch")
     for stat in ("dropped_fraction", "router_entropy", "max_load"):
-        long = processing.layer_stats(history, layer, [stat])
+        long = runs.layer_stats(history, layer, [stat])
         if not long.empty:
             st.altair_chart(charts.curves_chart(long, title=f"{layer}: {stat}"), width="stretch")
-final = processing.telemetry_table(row.get("telemetry"))
+final = runs.telemetry_table(row.get("telemetry"))
 if not final.empty:
     st.subheader("Final telemetry")
     ui.table(final, f"telemetry-{row['run_id']}", caption="the telemetry")
@@ -39,7 +39,7 @@ uri = row.get("checkpoint_uri")
 if not isinstance(uri, str) or not uri:
     st.info("This run has no checkpoint.")
     st.stop()
-ancestors = processing.lineage(ctx.frame, row["run_id"])["checkpoint_uri"].dropna().tolist()[:-1][::-1]
+ancestors = lineage.lineage(ctx.frame, row["run_id"])["checkpoint_uri"].dropna().tolist()[:-1][::-1]
 try:
     analysis = data.expert_analysis(uri, tuple(a for a in ancestors if isinstance(a, str)))
 except data.LoadError as err:

@@ -2,11 +2,11 @@
 
 import streamlit as st
 
-from dashboard import charts, processing, ui
+from dashboard import charts, lineage, ui
 
 ctx = ui.require()
 st.title("Cost by stage")
-breakdown = processing.stage_breakdown(ctx.frame, ctx.unit)
+breakdown = lineage.stage_breakdown(ctx.frame, ctx.unit)
 if breakdown.empty:
     st.info("No pipeline summaries yet: each pipeline writes one when its last stage finishes.")
     st.stop()
@@ -18,8 +18,8 @@ st.altair_chart(charts.stage_bars(chosen, f"training cost ({ctx.unit.label})"), 
 st.caption("Lighter bars: stages shared by several pipelines (trained once, charged in full to each).")
 ui.table(chosen.drop(columns=["group"]), "stage-costs", caption="stage costs")
 st.subheader("Lineage")
-st.graphviz_chart(processing.lineage_dot(chosen))
-runs = [r for r in dict.fromkeys(chosen.sort_values("position", ascending=False)["run_id"]) if r]
-if runs:
-    run = st.selectbox("Lineage of run", runs, key="pipelines_run")
-    ui.table(processing.lineage(ctx.frame, run), f"lineage-{run}", caption="this lineage")
+st.graphviz_chart(lineage.lineage_dot(chosen))
+run_ids = [r for r in dict.fromkeys(chosen.sort_values("position", ascending=False)["run_id"]) if r]
+if run_ids:
+    run = st.selectbox("Lineage of run", run_ids, key="pipelines_run")
+    ui.table(lineage.lineage(ctx.frame, run), f"lineage-{run}", caption="this lineage")

@@ -2,17 +2,17 @@
 
 import streamlit as st
 
-from dashboard import charts, processing, ui
+from dashboard import charts, lineage, runs, ui
 
 ctx = ui.require()
 st.title("Run detail")
-runs = processing.stage_runs(ctx.frame)
-if runs.empty:
+stage_rows = runs.stage_runs(ctx.frame)
+if stage_rows.empty:
     st.info("No stage runs under these filters.")
     st.stop()
-records = processing.records(runs)
+records = runs.records(stage_rows)
 index = st.selectbox(
-    "Stage run", range(len(records)), format_func=lambda i: processing.run_label(records[i]), key="detail_run"
+    "Stage run", range(len(records)), format_func=lambda i: runs.run_label(records[i]), key="detail_run"
 )
 row = records[index]
 status = row.get("status")
@@ -21,19 +21,19 @@ if isinstance(row.get("error"), str) and row["error"]:
     st.subheader("Error")
     st.code(row["error"], language=None)
 st.markdown(f"**Checkpoint:** `{row.get('checkpoint_uri') or 'none'}`")
-st.markdown("**Lineage:** " + " → ".join(f"`{s}`" for s in processing.lineage(ctx.frame, row["run_id"])["stage"]))
+st.markdown("**Lineage:** " + " → ".join(f"`{s}`" for s in lineage.lineage(ctx.frame, row["run_id"])["stage"]))
 
-history = processing.history_frame(row.get("history"))
+history = runs.history_frame(row.get("history"))
 st.subheader("Training curves")
-groups = processing.curve_groups(history.columns)
+groups = runs.curve_groups(history.columns)
 if not groups:
     st.info("This row has no training history (rows written before histories were recorded have none).")
 for name, keys in groups.items():
-    st.altair_chart(charts.curves_chart(processing.curves(history, keys), title=name), width="stretch")
+    st.altair_chart(charts.curves_chart(runs.curves(history, keys), title=name), width="stretch")
 left, right = st.columns(2)
 with left:
     st.subheader("Summary")
-    ui.table(processing.run_summary(row), f"run-{row['run_id']}", caption="the summary")
+    ui.table(runs.run_summary(row), f"run-{row['run_id']}", caption="the summary")
 with right:
     st.subheader("Final metrics")
     st.json(row.get("metrics") or {}, expanded=True)

@@ -9,9 +9,8 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from rmoe.moe.config import MoEConfig
-from rmoe.selection import resolve_layers
 from rmoe.spec import ModelSpec
-from rmoe.upcycle import convert_layers, find_mlp_layers
+from rmoe.upcycle import convert_layers
 
 _TIMM_FACTORY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
@@ -42,7 +41,7 @@ def create_rmoe_model(
     model_kwargs = {**arch_kwargs, **kwargs}
     model = model_cls(**model_kwargs)
     spec_kwargs = {k: v for k, v in kwargs.items() if k not in ("device", "dtype")}
-    spec = ModelSpec(variant, spec_kwargs)
+    model.rmoe_spec = ModelSpec(variant, spec_kwargs)
     if moe_config is not None and num_experts not in (None, moe_config.num_experts):
         raise ValueError(
             f"num_experts ({num_experts}) disagrees with moe_config.num_experts ({moe_config.num_experts})"
@@ -53,12 +52,9 @@ def create_rmoe_model(
             moe_config = MoEConfig(num_experts=num_experts, **moe_fields)
         elif moe_fields:
             moe_config = moe_config.replace(**moe_fields)
-        layers = resolve_layers(layer_spec, len(find_mlp_layers(model)))
-        convert_layers(model, layers, moe_config, init="scratch")
-        spec = spec.with_moe(layers, moe_config)
+        convert_layers(model, layer_spec, moe_config, init="scratch")  # records the MoE in model.rmoe_spec
     elif moe_fields or moe_config is not None:
         raise ValueError(f"num_experts=0 builds a dense model; MoE options given: {sorted(moe_fields) or 'moe_config'}")
-    model.rmoe_spec = spec
     model.pretrained_cfg = model.default_cfg = _resolved_cfg(variant, model_kwargs)
     return model
 

@@ -10,9 +10,11 @@ from rmoe.moe.config import AuxLossWeights, MoEConfig
 from rmoe.moe.dispatch import Dispatched, LocalDispatcher, TokenDispatcher
 from rmoe.moe.experts import GroupedExperts, ResidualExperts
 from rmoe.moe.layer import MoEMlp, combine_slots, moe_mlp_layer
+from rmoe.moe.roles import ROLES, MoEParameter, ParamRole, moe_parameter, parameter_role
 from rmoe.moe.routing import Routing, TopKRouter, expert_capacity
 
 __all__ = [
+    "ROLES",
     "AuxLossWeights",
     "Dispatched",
     "GroupedExperts",
@@ -20,6 +22,8 @@ __all__ = [
     "MoEAux",
     "MoEConfig",
     "MoEMlp",
+    "MoEParameter",
+    "ParamRole",
     "ResidualExperts",
     "Routing",
     "TokenDispatcher",
@@ -28,6 +32,8 @@ __all__ = [
     "expert_capacity",
     "importance_cv2_loss",
     "moe_mlp_layer",
+    "moe_parameter",
+    "parameter_role",
     "router_entropy",
     "router_z_loss",
     "switch_load_balance_loss",

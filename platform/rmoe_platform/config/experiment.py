@@ -9,11 +9,10 @@ from typing import Any
 
 from rmoe import MoEConfig
 from rmoe_platform import storage
+from rmoe_platform.config.fields import apply_override, check, from_dict, load_yaml
 from rmoe_platform.config.stage import BudgetConfig, DataSpec, HeadConfig, OptimConfig, ScalingSpec
 from rmoe_platform.names import METRIC_NAMES, PIPELINES, TASKS
-from rmoe_platform.config.fields import apply_override, check, from_dict, load_yaml
 from rmoe_platform.storage.s3 import S3Options
-
 
 
 @dataclass(frozen=True)

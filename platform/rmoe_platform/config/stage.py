@@ -5,17 +5,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import timm
 
 import rmoe  # noqa: F401  (registers the rmoe_* timm models)
 from rmoe import ModelSpec, MoEConfig
 from rmoe_platform.config.fields import ConfigError, check, from_dict, load_yaml
-from rmoe_platform.names import TASKS
 from rmoe_platform.datasets.scenes import SceneRecipe
 from rmoe_platform.datasets.transforms import AugmentSpec
+from rmoe_platform.names import TASKS
 from rmoe_platform.storage.s3 import S3Options
+
+if TYPE_CHECKING:
+    from ray.train import ScalingConfig
 
 TRAINABLE_GROUPS = ("all", "residual", "router", "experts", "core", "moe", "head", "non_moe")
 NORMS = ("BN", "SyncBN", "GN")
@@ -32,24 +35,17 @@ class ModelConfig:
 
     arch: str = "rmoe_vit_nano_patch4_32"
     kwargs: dict[str, Any] = field(default_factory=dict)
-    moe: dict[str, Any] | None = None
+    moe: MoEConfig | None = None
     moe_layers: str | list[int] = "every_other"
     parent_checkpoint: str | None = None
     num_classes: int | None = None
 
     def __post_init__(self) -> None:
         check(timm.is_model(self.arch), f"arch: unknown timm model {self.arch!r}")
-        if self.moe is not None:
-            try:
-                MoEConfig.from_dict(self.moe)
-            except ValueError as err:
-                raise ValueError(f"moe: {err}") from None
+        check(self.moe is None or isinstance(self.moe, MoEConfig), f"moe: expected an MoEConfig, got {self.moe!r}")
         check(self.num_classes is None or self.num_classes > 0, "num_classes must be > 0")
         for key in ("pretrained", "num_experts", "moe_layers", "num_classes"):
             check(key not in self.kwargs, f"kwargs.{key}: set it as a model field, not a kwarg")
-
-    def moe_config(self) -> MoEConfig | None:
-        return None if self.moe is None else MoEConfig.from_dict(self.moe)
 
     def base_spec(self) -> ModelSpec:
         return ModelSpec(self.arch, dict(self.kwargs))
@@ -108,6 +104,32 @@ class ScalingSpec:
     @property
     def device_kind(self) -> str:
         return "gpu" if self.use_gpu else "cpu"
+
+    @property
+    def cpus_per_worker(self) -> float:
+        """Ray Train's reservation per worker: `resources_per_worker.CPU`, else 1 CPU (none on GPU workers)."""
+        return float((self.resources_per_worker or {}).get("CPU", 0 if self.use_gpu else 1))
+
+    @property
+    def gpus_per_worker(self) -> float:
+        """`resources_per_worker.GPU`, else 1 GPU on GPU workers; 0 on CPU workers."""
+        return float((self.resources_per_worker or {}).get("GPU", 1)) if self.use_gpu else 0.0
+
+    @property
+    def total_cpus(self) -> float:
+        return self.cpus_per_worker * self.num_workers
+
+    @property
+    def total_gpus(self) -> float:
+        return self.gpus_per_worker * self.num_workers
+
+    def ray_scaling_config(self) -> ScalingConfig:
+        """The Ray Train `ScalingConfig` of these workers."""
+        from ray.train import ScalingConfig
+
+        return ScalingConfig(
+            num_workers=self.num_workers, use_gpu=self.use_gpu, resources_per_worker=self.resources_per_worker
+        )
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from rmoe_platform import storage
 from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.config.stage import DataSpec
-from rmoe_platform.datasets.format import DatasetCard, FormatError, dataset_name
+from rmoe_platform.datasets.format import DataFacts, DatasetCard, FormatError, dataset_name
 from rmoe_platform.datasets.ingest import OpenDataset, load_card, open_dataset, validate_card
 from rmoe_platform.datasets.writer import write_dataset
 from rmoe_platform.storage.s3 import S3Access
@@ -17,13 +17,18 @@ from rmoe_platform.storage.s3 import S3Access
 
 @dataclass(frozen=True)
 class DatasetCheck:
-    """A dataset checked without writing anything: what a stage needs to know of it (task, class count,
-    train rows), and the opened dataset, or None while it is still to be generated from `spec.generate`."""
+    """A dataset checked without writing anything: what a stage needs to know of it (task, facts, train
+    rows), and the opened dataset, or None while it is still to be generated from `spec.generate` (its
+    facts then carry placeholder pixel statistics: enough to build and validate a model, not to train)."""
 
     task: str
-    num_classes: int
+    facts: DataFacts
     num_train: int
     opened: OpenDataset | None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.facts.classes)
 
 
 def check_dataset(spec: DataSpec, access: S3Access | None, field: str = "data") -> DatasetCheck:
@@ -32,13 +37,14 @@ def check_dataset(spec: DataSpec, access: S3Access | None, field: str = "data") 
     if card is None and spec.generate is not None:
         storage.check_writable(spec.uri, f"{field}.uri", access)
         recipe = spec.generate
-        return DatasetCheck(recipe.task, len(recipe.classes), recipe.num_train, None)
+        placeholder = DataFacts((0.5,) * 3, (0.25,) * 3, tuple(recipe.classes))
+        return DatasetCheck(recipe.task, placeholder, recipe.num_train, None)
     if card is None:
         opened = open_dataset(spec.uri, access, f"{field}.uri")  # raises: no dataset there
     else:
         _check_recipe(spec, card, field)
         opened = validate_card(spec.uri, card, access, f"{field}.uri")
-    return DatasetCheck(card.task, card.num_classes, card.split("train").num_rows, opened)
+    return DatasetCheck(card.task, card.facts, card.split("train").num_rows, opened)
 
 
 def ensure_dataset(

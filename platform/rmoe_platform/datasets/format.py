@@ -116,6 +116,20 @@ class ImageStats:
 
 
 @dataclass(frozen=True)
+class DataFacts:
+    """What a stage's task knows of its dataset from the start: the train split's per-channel pixel
+    statistics (0..1 scale; the model normalises with them) and the class names (evaluation)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+
+    @property
+    def image_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return self.mean, self.std
+
+
+@dataclass(frozen=True)
 class DatasetCard:
     name: str
     task: Task
@@ -129,6 +143,10 @@ class DatasetCard:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def facts(self) -> DataFacts:
+        return DataFacts(tuple(self.stats.mean), tuple(self.stats.std), tuple(self.classes))
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:

@@ -20,7 +20,16 @@ from timm.models import VisionTransformer
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from rmoe import ModelSpec, MoEConfig, build_model, find_mlp_layers, load_state_dict_file, resolve_layers, upcycle
+from rmoe import (
+    ModelSpec,
+    MoEConfig,
+    build_model,
+    find_mlp_layers,
+    load_state_dict_file,
+    resolve_layers,
+    spec_of,
+    upcycle,
+)
 from rmoe.checkpoint import read_metadata
 from rmoe.models import SimpleFeaturePyramid, SwinPyramid
 
@@ -75,18 +84,12 @@ def trunk_from_checkpoint(
     meta = read_metadata(path)
     if "rmoe_spec" not in meta:
         raise ValueError(f"checkpoint {path!r}: carries no rmoe_spec (not an rmoe checkpoint)")
-    saved = ModelSpec.from_json(meta["rmoe_spec"])
-    kwargs = {**saved.model_kwargs, **(model_kwargs or {}), "num_classes": 0}
-    spec = ModelSpec(saved.arch, kwargs, saved.moe_layers, saved.moe)
+    spec = ModelSpec.from_json(meta["rmoe_spec"]).with_kwargs(**(model_kwargs or {}), num_classes=0)
     trunk = build_model(spec)
     load_trunk_weights(trunk, load_state_dict_file(path), f"checkpoint {path!r}")
     if moe is not None and not spec.is_moe:
-        config = MoEConfig.from_dict(dict(moe))
-        layers = resolve_layers(moe_layers, len(find_mlp_layers(trunk)))
-        upcycle(trunk, layers, config, seed=seed)
-        spec = spec.with_moe(tuple(layers), config)
-        trunk.rmoe_spec = spec
-    return trunk, spec
+        upcycle(trunk, moe_layers, MoEConfig.from_dict(dict(moe)), seed=seed)  # recorded in trunk.rmoe_spec
+    return trunk, spec_of(trunk)
 
 
 class RMoEBackbone(BaseModule):

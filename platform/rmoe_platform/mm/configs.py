@@ -91,7 +91,6 @@ def detection_model(
 ) -> dict[str, Any]:
     """Mask R-CNN: FPN (5 levels), RPN, shared-2FC box head and FCN mask head."""
     width = head.channels
-    roi_strides = PYRAMID_STRIDES
     return {
         "type": "RMoEMaskRCNN",
         "data_preprocessor": {
@@ -104,105 +103,125 @@ def detection_model(
         },
         "backbone": backbone,
         "neck": {"type": "FPN", "in_channels": in_channels, "out_channels": width, "num_outs": 5},
-        "rpn_head": {
-            "type": "RPNHead",
+        "rpn_head": _rpn_head(width, head),
+        "roi_head": _roi_head(width, num_classes, head),
+        "train_cfg": _detection_train_cfg(head),
+        "test_cfg": _detection_test_cfg(head),
+    }
+
+
+def _rpn_head(width: int, head: HeadConfig) -> dict[str, Any]:
+    """Region proposals: 3 anchor ratios per FPN level (strides 4–64)."""
+    return {
+        "type": "RPNHead",
+        "in_channels": width,
+        "feat_channels": width,
+        "anchor_generator": {
+            "type": "AnchorGenerator",
+            "scales": list(head.anchor_scales),
+            "ratios": [0.5, 1.0, 2.0],
+            "strides": [*PYRAMID_STRIDES, 64],
+        },
+        "bbox_coder": {"type": "DeltaXYWHBBoxCoder", "target_means": [0.0] * 4, "target_stds": [1.0] * 4},
+        "loss_cls": {"type": "CrossEntropyLoss", "use_sigmoid": True, "loss_weight": 1.0},
+        "loss_bbox": {"type": "L1Loss", "loss_weight": 1.0},
+    }
+
+
+def _roi_head(width: int, num_classes: int, head: HeadConfig) -> dict[str, Any]:
+    """RoIAlign features into the shared-2FC box head and the FCN mask head."""
+    return {
+        "type": "StandardRoIHead",
+        "bbox_roi_extractor": {
+            "type": "SingleRoIExtractor",
+            "roi_layer": {"type": "RoIAlign", "output_size": 7, "sampling_ratio": 0},
+            "out_channels": width,
+            "featmap_strides": PYRAMID_STRIDES,
+        },
+        "bbox_head": {
+            "type": "Shared2FCBBoxHead",
             "in_channels": width,
-            "feat_channels": width,
-            "anchor_generator": {
-                "type": "AnchorGenerator",
-                "scales": list(head.anchor_scales),
-                "ratios": [0.5, 1.0, 2.0],
-                "strides": [*roi_strides, 64],
+            "fc_out_channels": head.fc_channels,
+            "roi_feat_size": 7,
+            "num_classes": num_classes,
+            "bbox_coder": {
+                "type": "DeltaXYWHBBoxCoder",
+                "target_means": [0.0] * 4,
+                "target_stds": [0.1, 0.1, 0.2, 0.2],
             },
-            "bbox_coder": {"type": "DeltaXYWHBBoxCoder", "target_means": [0.0] * 4, "target_stds": [1.0] * 4},
-            "loss_cls": {"type": "CrossEntropyLoss", "use_sigmoid": True, "loss_weight": 1.0},
+            "reg_class_agnostic": False,
+            "loss_cls": {"type": "CrossEntropyLoss", "use_sigmoid": False, "loss_weight": 1.0},
             "loss_bbox": {"type": "L1Loss", "loss_weight": 1.0},
         },
-        "roi_head": {
-            "type": "StandardRoIHead",
-            "bbox_roi_extractor": {
-                "type": "SingleRoIExtractor",
-                "roi_layer": {"type": "RoIAlign", "output_size": 7, "sampling_ratio": 0},
-                "out_channels": width,
-                "featmap_strides": roi_strides,
-            },
-            "bbox_head": {
-                "type": "Shared2FCBBoxHead",
-                "in_channels": width,
-                "fc_out_channels": head.fc_channels,
-                "roi_feat_size": 7,
-                "num_classes": num_classes,
-                "bbox_coder": {
-                    "type": "DeltaXYWHBBoxCoder",
-                    "target_means": [0.0] * 4,
-                    "target_stds": [0.1, 0.1, 0.2, 0.2],
-                },
-                "reg_class_agnostic": False,
-                "loss_cls": {"type": "CrossEntropyLoss", "use_sigmoid": False, "loss_weight": 1.0},
-                "loss_bbox": {"type": "L1Loss", "loss_weight": 1.0},
-            },
-            "mask_roi_extractor": {
-                "type": "SingleRoIExtractor",
-                "roi_layer": {"type": "RoIAlign", "output_size": 14, "sampling_ratio": 0},
-                "out_channels": width,
-                "featmap_strides": roi_strides,
-            },
-            "mask_head": {
-                "type": "FCNMaskHead",
-                "num_convs": 4,
-                "in_channels": width,
-                "conv_out_channels": width,
-                "num_classes": num_classes,
-                "loss_mask": {"type": "CrossEntropyLoss", "use_mask": True, "loss_weight": 1.0},
-            },
+        "mask_roi_extractor": {
+            "type": "SingleRoIExtractor",
+            "roi_layer": {"type": "RoIAlign", "output_size": 14, "sampling_ratio": 0},
+            "out_channels": width,
+            "featmap_strides": PYRAMID_STRIDES,
         },
-        "train_cfg": {
-            "rpn": {
-                "assigner": _assigner(0.7, 0.3, 0.3),
-                "sampler": {
-                    "type": "RandomSampler",
-                    "num": 256,
-                    "pos_fraction": 0.5,
-                    "neg_pos_ub": -1,
-                    "add_gt_as_proposals": False,
-                },
-                "allowed_border": -1,
-                "pos_weight": -1,
-                "debug": False,
-            },
-            "rpn_proposal": {
-                "nms_pre": 2 * head.rpn_proposals,
-                "max_per_img": head.rpn_proposals,
-                "nms": {"type": "nms", "iou_threshold": 0.7},
-                "min_bbox_size": 0,
-            },
-            "rcnn": {
-                "assigner": _assigner(0.5, 0.5, 0.5),
-                "sampler": {
-                    "type": "RandomSampler",
-                    "num": head.roi_samples,
-                    "pos_fraction": 0.25,
-                    "neg_pos_ub": -1,
-                    "add_gt_as_proposals": True,
-                },
-                "mask_size": 28,
-                "pos_weight": -1,
-                "debug": False,
-            },
+        "mask_head": {
+            "type": "FCNMaskHead",
+            "num_convs": 4,
+            "in_channels": width,
+            "conv_out_channels": width,
+            "num_classes": num_classes,
+            "loss_mask": {"type": "CrossEntropyLoss", "use_mask": True, "loss_weight": 1.0},
         },
-        "test_cfg": {
-            "rpn": {
-                "nms_pre": head.rpn_proposals,
-                "max_per_img": head.rpn_proposals,
-                "nms": {"type": "nms", "iou_threshold": 0.7},
-                "min_bbox_size": 0,
+    }
+
+
+def _detection_train_cfg(head: HeadConfig) -> dict[str, Any]:
+    """Anchor/proposal assignment and sampling in training (mmdet's Mask R-CNN 1x)."""
+    return {
+        "rpn": {
+            "assigner": _assigner(0.7, 0.3, 0.3),
+            "sampler": {
+                "type": "RandomSampler",
+                "num": 256,
+                "pos_fraction": 0.5,
+                "neg_pos_ub": -1,
+                "add_gt_as_proposals": False,
             },
-            "rcnn": {
-                "score_thr": head.score_thr,
-                "nms": {"type": "nms", "iou_threshold": 0.5},
-                "max_per_img": head.max_per_img,
-                "mask_thr_binary": 0.5,
+            "allowed_border": -1,
+            "pos_weight": -1,
+            "debug": False,
+        },
+        "rpn_proposal": {
+            "nms_pre": 2 * head.rpn_proposals,
+            "max_per_img": head.rpn_proposals,
+            "nms": {"type": "nms", "iou_threshold": 0.7},
+            "min_bbox_size": 0,
+        },
+        "rcnn": {
+            "assigner": _assigner(0.5, 0.5, 0.5),
+            "sampler": {
+                "type": "RandomSampler",
+                "num": head.roi_samples,
+                "pos_fraction": 0.25,
+                "neg_pos_ub": -1,
+                "add_gt_as_proposals": True,
             },
+            "mask_size": 28,
+            "pos_weight": -1,
+            "debug": False,
+        },
+    }
+
+
+def _detection_test_cfg(head: HeadConfig) -> dict[str, Any]:
+    """Proposals kept and detections returned at test time."""
+    return {
+        "rpn": {
+            "nms_pre": head.rpn_proposals,
+            "max_per_img": head.rpn_proposals,
+            "nms": {"type": "nms", "iou_threshold": 0.7},
+            "min_bbox_size": 0,
+        },
+        "rcnn": {
+            "score_thr": head.score_thr,
+            "nms": {"type": "nms", "iou_threshold": 0.5},
+            "max_per_img": head.max_per_img,
+            "mask_thr_binary": 0.5,
         },
     }
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 SECONDS_PER_DAY = 86_400.0
+_FIELDS = ("flops", "device_seconds", "gpu_seconds", "dollars")
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,14 @@ class Cost:
     @property
     def device_hours(self) -> float:
         return self.device_seconds / 3600.0
+
+    def as_fields(self, prefix: str) -> dict[str, float]:
+        """Flat `{prefix}flops`, … entries (a Ray Tune result carries costs this way); see `from_fields`."""
+        return {f"{prefix}{name}": float(getattr(self, name)) for name in _FIELDS}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any], prefix: str) -> Cost:
+        return cls(**{name: float(fields.get(f"{prefix}{name}", 0.0)) for name in _FIELDS})
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rmoe_platform.config.stage import DataSpec, ModelConfig, StageConfig
-from rmoe_platform.config.fields import ConfigError
+from rmoe import MoEConfig
 from rmoe_platform.config.experiment import ExperimentConfig, PhaseConfig
+from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.config.stage import DataSpec, ModelConfig, StageConfig
+from rmoe_platform.names import METRIC_NAMES, PIPELINES
 
 # Fields that do not change what a stage computes (where it writes, how it logs, test hooks).
 _HASH_EXCLUDED = {
@@ -42,6 +45,11 @@ class StageNode:
     config_hash: str
 
     @property
+    def metric_name(self) -> str:
+        """The validation metric of the stage's task (accuracy, mIoU, bbox_mAP)."""
+        return METRIC_NAMES[self.config.task]
+
+    @property
     def lineage(self) -> list[StageNode]:
         chain, node = [], self
         while node is not None:
@@ -58,63 +66,81 @@ def stage_hash(config: StageConfig, parent_hash: str | None) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+class _Planner:
+    """Builds an experiment's stage nodes; a node asked for twice (the dense core) is built once."""
+
+    def __init__(self, exp: ExperimentConfig) -> None:
+        self.exp = exp
+        self.nodes: dict[str, StageNode] = {}
+
+    def node(self, key: str, kind: str, config: StageConfig, parent: StageNode | None) -> StageNode:
+        if key not in self.nodes:
+            self.nodes[key] = StageNode(key, kind, config, parent, stage_hash(config, parent and parent.config_hash))
+        return self.nodes[key]
+
+    def moe(self, *, residual: bool) -> MoEConfig:
+        return self.exp.moe.config(residual=residual)
+
+    def dense_upstream(self) -> StageNode:
+        config = _stage(self.exp, "upstream_dense", self.exp.upstream)
+        return self.node("upstream_dense", "upstream_dense", config, None)
+
+    def intermediate(self, key: str, kind: str, parent: StageNode, moe: MoEConfig, **fields: Any) -> StageNode:
+        """A short stage on upstream data (the RMoE-I residual stage, the upcycling stage)."""
+        name = key.replace("/", "-")
+        config = _stage(self.exp, name, self.exp.intermediate, data=self.exp.upstream.data, moe=moe, **fields)
+        return self.node(key, kind, config, parent)
+
+    def downstream(self, pipeline: str, parent: StageNode, moe: MoEConfig | None = None) -> StageNode:
+        exp = self.exp
+        config = _stage(exp, f"{pipeline}-downstream", exp.downstream, moe=moe, moe_model=pipeline != "dense")
+        return self.node(f"{pipeline}/downstream", "downstream", config, parent)
+
+
+def _dense(plan: _Planner) -> StageNode:
+    return plan.downstream("dense", plan.dense_upstream())
+
+
+def _moe_from_scratch(plan: _Planner) -> StageNode:
+    config = _stage(plan.exp, "upstream_moe", plan.exp.upstream, moe=plan.moe(residual=False))
+    return plan.downstream("moe", plan.node("upstream_moe", "upstream_moe", config, None))
+
+
+def _rmoe_i(plan: _Planner) -> StageNode:
+    residual = plan.intermediate(
+        "rmoe_i/residual",
+        "residual",
+        plan.dense_upstream(),
+        plan.moe(residual=True),
+        trainable=("residual", "router"),
+    )
+    return plan.downstream("rmoe_i", residual)
+
+
+def _rmoe_d(plan: _Planner) -> StageNode:
+    return plan.downstream("rmoe_d", plan.dense_upstream(), plan.moe(residual=True))
+
+
+def _upcycle(plan: _Planner) -> StageNode:
+    copies = plan.intermediate("upcycle/intermediate", "upcycle", plan.dense_upstream(), plan.moe(residual=False))
+    return plan.downstream("upcycle", copies)
+
+
+# pipeline name -> the builder of its last stage (its lineage is the pipeline)
+PIPELINE_BUILDERS: dict[str, Callable[[_Planner], StageNode]] = {
+    "dense": _dense,
+    "moe": _moe_from_scratch,
+    "rmoe_i": _rmoe_i,
+    "rmoe_d": _rmoe_d,
+    "upcycle": _upcycle,
+}
+assert tuple(PIPELINE_BUILDERS) == PIPELINES, "every pipeline name has a builder, in the names' order"
+
+
 def plan_pipelines(exp: ExperimentConfig) -> dict[str, list[StageNode]]:
     """Each requested pipeline's stages in order; nodes shared between pipelines are the same object."""
-    nodes: dict[str, StageNode] = {}
-
-    def node(key: str, kind: str, config: StageConfig, parent: StageNode | None) -> StageNode:
-        if key not in nodes:
-            nodes[key] = StageNode(key, kind, config, parent, stage_hash(config, parent and parent.config_hash))
-        return nodes[key]
-
-    def dense_upstream() -> StageNode:
-        return node("upstream_dense", "upstream_dense", _stage(exp, "upstream_dense", exp.upstream), None)
-
-    def downstream(pipeline: str, parent: StageNode, moe: dict[str, Any] | None) -> StageNode:
-        config = _stage(exp, f"{pipeline}-downstream", exp.downstream, moe=moe, moe_model=pipeline != "dense")
-        return node(f"{pipeline}/downstream", "downstream", config, parent)
-
-    plans: dict[str, list[StageNode]] = {}
-    for pipeline in exp.pipelines:
-        if pipeline == "dense":
-            last = downstream("dense", dense_upstream(), None)
-        elif pipeline == "moe":
-            upstream = node(
-                "upstream_moe",
-                "upstream_moe",
-                _stage(exp, "upstream_moe", exp.upstream, moe=_moe(exp, residual=False)),
-                None,
-            )
-            last = downstream("moe", upstream, None)
-        elif pipeline == "rmoe_i":
-            residual = node(
-                "rmoe_i/residual",
-                "residual",
-                _stage(
-                    exp,
-                    "rmoe_i-residual",
-                    exp.intermediate,
-                    data=exp.upstream.data,
-                    moe=_moe(exp, residual=True),
-                    trainable=("residual", "router"),
-                ),
-                dense_upstream(),
-            )
-            last = downstream("rmoe_i", residual, None)
-        elif pipeline == "rmoe_d":
-            last = downstream("rmoe_d", dense_upstream(), _moe(exp, residual=True))
-        else:  # upcycle
-            copies = node(
-                "upcycle/intermediate",
-                "upcycle",
-                _stage(
-                    exp, "upcycle-intermediate", exp.intermediate, data=exp.upstream.data, moe=_moe(exp, residual=False)
-                ),
-                dense_upstream(),
-            )
-            last = downstream("upcycle", copies, None)
-        plans[pipeline] = last.lineage
-    return plans
+    planner = _Planner(exp)
+    return {pipeline: PIPELINE_BUILDERS[pipeline](planner).lineage for pipeline in exp.pipelines}
 
 
 def shared_keys(plans: dict[str, list[StageNode]]) -> set[str]:
@@ -126,17 +152,13 @@ def shared_keys(plans: dict[str, list[StageNode]]) -> set[str]:
     return {key for key, count in seen.items() if count > 1}
 
 
-def _moe(exp: ExperimentConfig, *, residual: bool) -> dict[str, Any]:
-    return exp.moe.config(residual=residual).to_dict()
-
-
 def _stage(
     exp: ExperimentConfig,
     name: str,
     phase: PhaseConfig,
     *,
     data: DataSpec | None = None,
-    moe: dict[str, Any] | None = None,
+    moe: MoEConfig | None = None,
     trainable: tuple[str, ...] = ("all",),
     moe_model: bool | None = None,
 ) -> StageConfig:

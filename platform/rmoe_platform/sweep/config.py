@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rmoe_platform.config.fields import ConfigError, apply_override, check, from_dict, load_yaml
 from rmoe_platform.config.experiment import ExperimentConfig
+from rmoe_platform.config.fields import ConfigError, apply_override, check, from_dict, load_yaml
 from rmoe_platform.names import PIPELINES
 from rmoe_platform.sweep.space import SearchSpace, parse_space
 

@@ -15,11 +15,11 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from rmoe_platform import storage
-from rmoe_platform.config.stage import ScalingSpec
 from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.pipelines.graph import plan_pipelines
+from rmoe_platform.pipelines.outcomes import SweepTrial
+from rmoe_platform.pipelines.runner import ExperimentRunner
 from rmoe_platform.results import ResultsStore
-from rmoe_platform.pipelines.runner import ExperimentRunner, SweepTrial
 from rmoe_platform.storage.s3 import S3Access
 from rmoe_platform.sweep.config import SweepConfig
 from rmoe_platform.sweep.plan import DATA_CPUS_PER_TRIAL, DRIVER_CPUS_PER_TRIAL, SweepPlan, build_plan
@@ -196,21 +196,10 @@ def max_concurrent_trials(sweep: SweepConfig, plan: SweepPlan) -> int:
     its (non-shared) stages' workers, and a CPU for Ray Data."""
     stages = plan_pipelines(sweep.base_experiment)[sweep.pipeline]
     scalings = [s.config.scaling for s in stages if s.key not in plan.shared_stages] or [sweep.experiment.scaling]
-    cpus = DRIVER_CPUS_PER_TRIAL + DATA_CPUS_PER_TRIAL + max(_worker_cpus(s) for s in scalings)
-    gpus = max(_worker_gpus(s) for s in scalings)
+    cpus = DRIVER_CPUS_PER_TRIAL + DATA_CPUS_PER_TRIAL + max(s.total_cpus for s in scalings)
+    gpus = max(s.total_gpus for s in scalings)
     cluster = ray.cluster_resources()
     fits = int(cluster.get("CPU", 0) // cpus)
     if gpus:
         fits = min(fits, int(cluster.get("GPU", 0) // gpus))
     return max(1, fits)
-
-
-def _worker_cpus(scaling: ScalingSpec) -> float:
-    per_worker = (scaling.resources_per_worker or {}).get("CPU", 0 if scaling.use_gpu else 1)
-    return per_worker * scaling.num_workers
-
-
-def _worker_gpus(scaling: ScalingSpec) -> float:
-    if not scaling.use_gpu:
-        return 0.0
-    return (scaling.resources_per_worker or {}).get("GPU", 1) * scaling.num_workers

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.config.experiment import ExperimentConfig
+from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.pipelines.graph import StageNode, plan_pipelines
 from rmoe_platform.storage.s3 import S3Access
 from rmoe_platform.sweep.config import SweepConfig

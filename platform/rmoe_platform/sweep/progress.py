@@ -7,7 +7,6 @@ access is resolved again from the config's options and the driver's environment 
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
 from collections.abc import Callable
@@ -16,10 +15,12 @@ from typing import Any
 from ray.tune import Callback
 
 from rmoe_platform.config.experiment import ExperimentConfig
+from rmoe_platform.pipelines.accounting import Cost
 from rmoe_platform.results import ResultsStore
+from rmoe_platform.results.rows import RowContext, git_commit, stopped_trial_row
 from rmoe_platform.storage.s3 import S3Access
 from rmoe_platform.sweep.plan import trial_key
-from rmoe_platform.sweep.trial import DONE, METRIC, TIME_ATTR
+from rmoe_platform.sweep.trial import DONE, METRIC, PRIOR_COST_PREFIX, TIME_ATTR
 
 STATUS_LABELS = {"TERMINATED": "ended", "ERROR": "failed", "RUNNING": "running", "PENDING": "pending"}
 
@@ -114,34 +115,19 @@ class SweepProgress(Callback):
         # a 'failed' row may come from the trial itself, its stage torn down by this very stop: the
         # 'stopped' row written after it supersedes it (readers keep a run's newest row)
         exp = self.experiment
-        device_kind = (exp.moe_scaling or exp.scaling).device_kind
-        partial = float(result.get("stage_device_seconds", 0.0))
-        gpu_seconds = float(result.get("prior_gpu_seconds", 0.0)) + (partial if device_kind == "gpu" else 0.0)
-        params = dict(trial.config)
-        store.append(
-            [
-                {
-                    "row_type": "pipeline",
-                    "experiment": exp.name,
-                    "pipeline": ",".join(exp.pipelines),
-                    "task": exp.downstream.task,
-                    "arch": exp.arch,
-                    "stage": result.get("stage"),
-                    "run_id": run_id,
-                    "status": "stopped",
-                    "error": f"stopped early by ASHA after {result[TIME_ATTR]} evaluation(s) of {result.get('stage')}",
-                    "metric_name": exp.metric_name,
-                    "metric": result.get(METRIC),
-                    "flops": result.get("prior_flops"),
-                    "device_seconds": float(result.get("prior_device_seconds", 0.0)) + partial,
-                    "gpu_days": gpu_seconds / 86_400.0,
-                    "dollars": float(result.get("prior_dollars", 0.0)) + partial / 3600.0 * exp.prices[device_kind],
-                    "sweep_id": self.sweep_id,
-                    "params": params,
-                    "finished_at": dt.datetime.now(dt.UTC),
-                }
-            ]
+        prior = Cost.from_fields(result, PRIOR_COST_PREFIX)
+        context = RowContext(exp.name, exp.arch, git_commit(), sweep_id=self.sweep_id, params=dict(trial.config))
+        row = stopped_trial_row(
+            context,
+            exp,
+            run_id=run_id,
+            stage=str(result.get("stage")),
+            evaluations=int(result[TIME_ATTR]),
+            metric=result.get(METRIC),
+            prior=prior,
+            stage_device_seconds=float(result.get("stage_device_seconds", 0.0)),
         )
+        store.append([row])
 
 
 def _key(trial: Any) -> str:

@@ -11,13 +11,15 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from rmoe_platform.pipelines.accounting import Cost
 from rmoe_platform.pipelines.graph import StageNode
+from rmoe_platform.pipelines.outcomes import SweepTrial
+from rmoe_platform.pipelines.runner import ExperimentRunner
 from rmoe_platform.results import ResultsStore
-from rmoe_platform.pipelines.runner import ExperimentRunner, SweepTrial
 from rmoe_platform.sweep.plan import SweepPlan
 
 METRIC = "val_metric"  # what ASHA and the searchers optimise (higher is better: accuracy, mIoU, AP)
 TIME_ATTR = "evaluations"  # the downstream stage's validations so far (ASHA's rung unit)
 DONE = "pipeline_status"  # in a trial's last report only once its pipeline row is written
+PRIOR_COST_PREFIX = "prior_"  # what the trial's finished stages cost, in each evaluation's result
 
 
 class EvaluationReporter(TuneReportCallback):
@@ -43,10 +45,7 @@ class EvaluationReporter(TuneReportCallback):
                 TIME_ATTR: self._evaluations,
                 "stage": self._stage,
                 "step": latest.get("step"),
-                "prior_flops": self._prior.flops,
-                "prior_device_seconds": self._prior.device_seconds,
-                "prior_gpu_seconds": self._prior.gpu_seconds,
-                "prior_dollars": self._prior.dollars,
+                **self._prior.as_fields(PRIOR_COST_PREFIX),
                 "stage_device_seconds": float(latest.get("train_seconds", 0.0)) * self._num_workers,
             }
         )

@@ -14,6 +14,7 @@ from torch import nn
 from rmoe import ModelSpec
 from rmoe.telemetry import MoEAuxSummary
 from rmoe_platform.config.stage import StageConfig
+from rmoe_platform.datasets.format import DataFacts
 
 ImageStats = tuple[tuple[float, ...], tuple[float, ...]]
 
@@ -29,14 +30,18 @@ class StepOutput:
 
 
 class StageTask(ABC):
+    """One task's side of a stage, built with its dataset's facts (`task_for(name, facts)`)."""
+
     name: str
     metric_name: str  # the validation metric reported as `val_metric` (higher is better)
+
+    def __init__(self, facts: DataFacts) -> None:
+        self.facts = facts
 
     @abstractmethod
     def build(
         self,
         config: StageConfig,
-        image_stats: ImageStats,
         *,
         parent: Path | None = None,
         resume: Path | None = None,
@@ -57,9 +62,7 @@ class StageTask(ABC):
         """Forward one training batch (model in train mode)."""
 
     @abstractmethod
-    def evaluate(
-        self, model: nn.Module, batches: Iterable[Any], device: torch.device, classes: tuple[str, ...]
-    ) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
         """Validation metrics over this worker's batches, combined across workers; includes
         `val_metric` (the value of `metric_name`) and `val_samples`."""
 

@@ -15,28 +15,27 @@ import rmoe
 from rmoe import ModelSpec
 from rmoe import cost as rmoe_cost
 from rmoe_platform.config.stage import StageConfig
-from rmoe_platform.tasks.normalizer import Normalizer
 from rmoe_platform.stage.worker.model import build_stage_model
-from rmoe_platform.tasks.base import ImageStats, StageTask, StepOutput
+from rmoe_platform.tasks.base import DataFacts, StageTask, StepOutput
+from rmoe_platform.tasks.normalizer import Normalizer
 
 
 class ClassificationTask(StageTask):
     name = "classification"
     metric_name = "accuracy"
 
-    def __init__(self) -> None:
+    def __init__(self, facts: DataFacts) -> None:
+        super().__init__(facts)
         self.normalize: Normalizer | None = None
 
     def build(
         self,
         config: StageConfig,
-        image_stats: ImageStats,
         *,
         parent: Path | None = None,
         resume: Path | None = None,
         load: bool = True,
     ) -> tuple[nn.Module, ModelSpec]:
-        self.image_stats = image_stats
         return build_stage_model(config, parent=parent, resume=resume, load=load)
 
     def trunk(self, model: nn.Module) -> nn.Module:
@@ -47,7 +46,7 @@ class ClassificationTask(StageTask):
 
     def _tensors(self, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.normalize is None or self.normalize.scale.device != device:
-            self.normalize = Normalizer(*self.image_stats, device)
+            self.normalize = Normalizer(*self.facts.image_stats, device)
         return self.normalize(batch["image"]), batch["label"].to(device, torch.long)
 
     def step(self, model: nn.Module, batch: Any, device: torch.device) -> StepOutput:
@@ -56,9 +55,7 @@ class ClassificationTask(StageTask):
         return StepOutput(nn.functional.cross_entropy(logits, labels), aux)
 
     @torch.no_grad()
-    def evaluate(
-        self, model: nn.Module, batches: Iterable[Any], device: torch.device, classes: tuple[str, ...]
-    ) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
         totals = torch.zeros(3, dtype=torch.float64)
         for batch in batches:
             images, labels = self._tensors(batch, device)

@@ -1,12 +1,14 @@
-"""Semantic segmentation (mmseg UperNet) and instance segmentation/detection (mmdet Mask R-CNN) on the
-stage's (RMoE) model as backbone. The stage's trunk (fresh, from the parent checkpoint, upcycled) is
-built by the classification machinery, rebuilt at the task's input size inside the mm model, and its
-weights carried over; the mm model computes its own losses and the MoE aux loss is added."""
+"""What the dense-prediction tasks share (segmentation: `tasks.segmentation`, detection: `tasks.detection`):
+an OpenMMLab model on the stage's (RMoE) model as backbone. The stage's trunk (fresh, from the parent
+checkpoint, upcycled) is built by the classification machinery, rebuilt at the task's input size inside
+the mm model, and its weights carried over; the mm model computes its own losses and the MoE aux loss
+is added. A subclass says which mm model, which evaluator and how batches become mm inputs."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from abc import abstractmethod
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,30 +21,39 @@ import rmoe
 from rmoe import ModelSpec
 from rmoe import cost as rmoe_cost
 from rmoe.checkpoint import load_weights
-from rmoe_platform.stage.worker.checkpoints import checkpoint_spec, load_model_state
 from rmoe_platform.config.stage import StageConfig
-from rmoe_platform.datasets.ingest import DetectionCollate, SegmentationEvalCollate
 from rmoe_platform.mm.backbones import RMoEBackbone, load_trunk_weights
 from rmoe_platform.mm.build import build_dense_model, mm_scope
 from rmoe_platform.mm.evaluation import DetectionEvaluator, SegmentationEvaluator
 from rmoe_platform.mm.models import AUX_LOSS_KEY
-from rmoe_platform.mm.samples import MMInputs, detection_inputs, segmentation_inputs
+from rmoe_platform.mm.samples import MMInputs
+from rmoe_platform.stage.worker.checkpoints import checkpoint_spec, load_model_state
 from rmoe_platform.stage.worker.model import build_stage_model
-from rmoe_platform.tasks.base import ImageStats, StageTask, StepOutput
+from rmoe_platform.tasks.base import StageTask, StepOutput
 from rmoe_platform.tasks.classification import without_classes
 
 
 class DenseTask(StageTask):
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.evaluator_type = SegmentationEvaluator if name == "segmentation" else DetectionEvaluator
-        self.metric_name = self.evaluator_type.metric_name
+    """An mm model (built by `build_dense_model` for `name`) trained and evaluated on the stage's data."""
+
+    evaluator_type: type[SegmentationEvaluator] | type[DetectionEvaluator]
+
+    @property
+    def metric_name(self) -> str:  # type: ignore[override]
+        return self.evaluator_type.metric_name
+
+    @abstractmethod
+    def inputs(self, batch: dict[str, Any]) -> MMInputs:
+        """A Ray Data batch as the mm model's data preprocessor takes it."""
+
+    @abstractmethod
+    def blank_batch(self, size: int) -> dict[str, Any]:
+        """One empty image with its (empty) targets: enough metainfo for a tensor-mode forward."""
 
     # ---- model ----
     def build(
         self,
         config: StageConfig,
-        image_stats: ImageStats,
         *,
         parent: Path | None = None,
         resume: Path | None = None,
@@ -50,7 +61,7 @@ class DenseTask(StageTask):
     ) -> tuple[nn.Module, ModelSpec]:
         size, num_classes = config.data.img_size, config.model.num_classes
         assert size is not None and num_classes is not None  # resolved by prepare_stage
-        self.image_stats = image_stats
+        image_stats = self.facts.image_stats
         if resume is not None:
             spec = checkpoint_spec(resume)
             model = build_dense_model(self.name, spec, num_classes, config.head, image_stats, size)
@@ -58,7 +69,7 @@ class DenseTask(StageTask):
                 load_weights(model, load_model_state(resume), source=f"checkpoint {resume}")
             return model, spec
         trunk, spec = build_stage_model(without_classes(config), parent=parent, load=load)
-        sized = ModelSpec(spec.arch, {**spec.model_kwargs, "img_size": size}, spec.moe_layers, spec.moe)
+        sized = spec.with_kwargs(img_size=size)
         model = build_dense_model(self.name, sized, num_classes, config.head, image_stats, size)
         source = f"parent checkpoint {parent}" if parent is not None else "the stage's fresh model"
         load_trunk_weights(self.trunk(model), trunk.state_dict(), source)
@@ -79,17 +90,8 @@ class DenseTask(StageTask):
             "rmoe_head": json.dumps(asdict(config.head)),
             "rmoe_num_classes": str(config.model.num_classes),
             "rmoe_img_size": str(config.data.img_size),
-            "rmoe_image_stats": json.dumps(self.image_stats),
+            "rmoe_image_stats": json.dumps(self.facts.image_stats),
         }
-
-    # ---- data ----
-    def collate_fn(self, split: str) -> Callable[[dict[str, Any]], Any] | None:
-        if self.name == "detection":
-            return DetectionCollate()
-        return SegmentationEvalCollate() if split == "val" else None
-
-    def inputs(self, batch: dict[str, Any]) -> MMInputs:
-        return segmentation_inputs(batch) if self.name == "segmentation" else detection_inputs(batch)
 
     # ---- training and evaluation ----
     def step(self, model: nn.Module, batch: Any, device: torch.device) -> StepOutput:
@@ -103,10 +105,8 @@ class DenseTask(StageTask):
         return StepOutput(task_loss, aux, components)
 
     @torch.no_grad()
-    def evaluate(
-        self, model: nn.Module, batches: Iterable[Any], device: torch.device, classes: tuple[str, ...]
-    ) -> dict[str, float]:
-        evaluator = self.evaluator_type(classes)
+    def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
+        evaluator = self.evaluator_type(self.facts.classes)
         count = torch.zeros((), dtype=torch.float64)
         for batch in batches:
             with mm_scope(self.name):
@@ -136,7 +136,7 @@ class DenseTask(StageTask):
         was_training = model.training
         model.eval()
         image = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
-        samples = self.inputs(_blank_batch(self.name, size))["data_samples"]
+        samples = self.inputs(self.blank_batch(size))["data_samples"]
         try:
             with torch.no_grad(), mm_scope(self.name):
                 with FlopCounterMode(display=False) as whole:
@@ -147,17 +147,3 @@ class DenseTask(StageTask):
             rmoe.collect_moe_aux(model)
             model.train(was_training)
         return float(max(whole.get_total_flops() - trunk_only.get_total_flops(), 0))
-
-
-def _blank_batch(task: str, size: int) -> dict[str, Any]:
-    """One empty image's targets, enough metainfo for a tensor-mode forward."""
-    if task == "segmentation":
-        return {"image": torch.zeros(1, 3, size, size, dtype=torch.uint8), "id": [0], "mask": [torch.zeros(size, size)]}
-    return {
-        "image": torch.zeros(1, 3, size, size, dtype=torch.uint8),
-        "id": [0],
-        "shape": [(size, size)],
-        "boxes": [torch.zeros(0, 4)],
-        "labels": [torch.zeros(0, dtype=torch.long)],
-        "masks": [torch.zeros(0, size, size, dtype=torch.uint8)],
-    }

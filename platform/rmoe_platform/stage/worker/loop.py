@@ -17,17 +17,16 @@ from torch import nn
 
 import rmoe
 from rmoe import ModelSpec
-from rmoe_platform.stage.worker.checkpoints import TrainProgress, restore_training_state, save_training_checkpoint
 from rmoe_platform.config.stage import StageConfig
+from rmoe_platform.stage.payload import WorkerPayload
+from rmoe_platform.stage.worker.checkpoints import TrainProgress, restore_training_state, save_training_checkpoint
 from rmoe_platform.stage.worker.expert_parallel import ExpertParallelPlan, parallelize
+from rmoe_platform.stage.worker.history import record_history
 from rmoe_platform.stage.worker.optim import build_optimizer, build_schedule
-from rmoe_platform.storage.s3 import S3Access
-from rmoe_platform.storage import download
-from rmoe_platform.tasks import StageTask, task_for
 from rmoe_platform.stage.worker.trainable import apply_trainable
-
-HISTORY_LIMIT = 500  # records of a stage's history in its results row (paper-scale runs stay small)
-_NOT_IN_HISTORY = ("history", "final", "world_size", "resumed_from_step")
+from rmoe_platform.storage import download
+from rmoe_platform.storage.s3 import S3Access
+from rmoe_platform.tasks import StageTask, task_for
 
 
 @dataclass
@@ -35,7 +34,6 @@ class WorkerContext:
     config: StageConfig
     total_steps: int
     task: StageTask
-    classes: tuple[str, ...]
     model: nn.Module
     spec: ModelSpec
     plan: ExpertParallelPlan
@@ -47,16 +45,15 @@ class WorkerContext:
     initial: dict[str, float] = field(default_factory=dict)  # validation before training, if asked
 
 
-def train_stage_worker(payload: dict[str, Any]) -> None:
+def train_stage_worker(loop_config: dict[str, Any]) -> None:
     """Build (or resume) the model, parallelize it, train to the budget, evaluate, checkpoint, report."""
-    config = StageConfig.from_dict(payload["config"])
-    access: S3Access = payload["s3"]
-    total_steps = config.total_steps(payload["num_train"])
+    payload = WorkerPayload.from_loop_config(loop_config)
+    config, access, total_steps = payload.config, payload.s3, payload.total_steps
     # torch marks the autograd-aware collectives deprecated (see expert_parallel); say so once per worker.
     warnings.filterwarnings("once", message="torch.distributed.nn.functional", category=FutureWarning)
     with tempfile.TemporaryDirectory() as tmp:
-        resume_dir = _resume_dir(payload.get("resume_from"), Path(tmp), access)
-        ctx = _setup(config, total_steps, payload, resume_dir, access)
+        resume_dir = _resume_dir(payload.resume_from, Path(tmp), access)
+        ctx = _setup(payload, resume_dir)
         progress, resumed_from = _resume(ctx, resume_dir)
     train_shard = ray.train.get_dataset_shard("train")
     started = time.perf_counter()
@@ -109,16 +106,15 @@ def _resume_dir(resume_uri: str | None, tmp: Path, access: S3Access) -> Path | N
     return None
 
 
-def _setup(
-    config: StageConfig, total_steps: int, payload: dict[str, Any], resume_dir: Path | None, access: S3Access
-) -> WorkerContext:
+def _setup(payload: WorkerPayload, resume_dir: Path | None) -> WorkerContext:
+    config, total_steps = payload.config, payload.total_steps
     torch.manual_seed(config.seed)
     device = ray.train.torch.get_device() if config.scaling.use_gpu else torch.device("cpu")
-    task = task_for(config.task)
-    parent_uri = payload.get("parent_checkpoint")
+    task = task_for(config.task, payload.facts)
+    parent_uri = payload.parent_checkpoint
     with tempfile.TemporaryDirectory() as tmp:
-        parent = download(parent_uri, Path(tmp), access) if parent_uri and resume_dir is None else None
-        model, spec = task.build(config, payload["image_stats"], parent=parent, resume=resume_dir)
+        parent = download(parent_uri, Path(tmp), payload.s3) if parent_uri and resume_dir is None else None
+        model, spec = task.build(config, parent=parent, resume=resume_dir)
     moe = spec.moe
     apply_trainable(model, config.trainable, freeze_core=moe.freeze_core if moe else True)
     model.to(device)
@@ -127,10 +123,7 @@ def _setup(
     scheduler = build_schedule(optimizer, config.optim, total_steps)
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    classes = tuple(payload["classes"])
-    return WorkerContext(
-        config, total_steps, task, classes, model, spec, plan, optimizer, scheduler, device, rank, world
-    )
+    return WorkerContext(config, total_steps, task, model, spec, plan, optimizer, scheduler, device, rank, world)
 
 
 def _resume(ctx: WorkerContext, resume_dir: Path | None) -> tuple[TrainProgress, int | None]:
@@ -168,7 +161,7 @@ def validate(ctx: WorkerContext) -> dict[str, float]:
     batches = ray.train.get_dataset_shard("val").iter_torch_batches(
         batch_size=ctx.config.local_batch_size, collate_fn=ctx.task.collate_fn("val")
     )
-    return ctx.task.evaluate(ctx.model, batches, ctx.device, ctx.classes)
+    return ctx.task.evaluate(ctx.model, batches, ctx.device)
 
 
 def residual_telemetry(ctx: WorkerContext) -> dict[str, float]:
@@ -202,7 +195,7 @@ def _report(
     if evaluate:
         metrics.update(validate(ctx))
     metrics.update(residual_telemetry(ctx))
-    _record(progress, metrics, final=final)
+    record_history(progress, metrics, final=final)
     if final:
         metrics["history"] = progress.history
     if not checkpoint:
@@ -222,47 +215,6 @@ def _report(
         )
         attached = ray.train.Checkpoint.from_directory(tmp) if ctx.rank == 0 else None
         ray.train.report(metrics, checkpoint=attached, checkpoint_dir_name=f"checkpoint_{progress.step:08d}")
-
-
-def _record(progress: TrainProgress, metrics: dict[str, Any], *, final: bool) -> None:
-    """Append this report to the history (kept in the progress, so checkpoints carry it). Long runs thin
-    it to 2x HISTORY_LIMIT whenever it reaches 4x, and to HISTORY_LIMIT at the end: thinning a dense
-    history once at the end keeps the spacing even, where thinning often to the final size would not."""
-    record = {k: v for k, v in metrics.items() if k not in _NOT_IN_HISTORY and not k.startswith("initial/")}
-    progress.history.append(record)
-    if final:
-        progress.history = thin_history(progress.history, HISTORY_LIMIT)
-    elif len(progress.history) > 4 * HISTORY_LIMIT:
-        progress.history = thin_history(progress.history, 2 * HISTORY_LIMIT)
-
-
-def thin_history(records: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-    """At most `limit` records spread evenly over steps, first and last kept. Evaluated records (val_*)
-    and the others are thinned apart (evaluated ones get up to half) so val curves keep their points;
-    choosing by step, not by index, keeps a re-thinned history even."""
-    if len(records) <= limit:
-        return list(records)
-    evaluated = [i for i, r in enumerate(records) if any(k.startswith("val_") for k in r)]
-    others = [i for i, r in enumerate(records) if not any(k.startswith("val_") for k in r)]
-    eval_budget = min(len(evaluated), limit // 2)
-    keep = _evenly_by_step(records, evaluated, eval_budget) + _evenly_by_step(records, others, limit - eval_budget)
-    return [records[i] for i in sorted(set(keep))]
-
-
-def _evenly_by_step(records: list[dict[str, Any]], indices: list[int], count: int) -> list[int]:
-    """Of `indices` (ascending steps), the ones nearest to `count` evenly spaced steps, ends included."""
-    if len(indices) <= count:
-        return list(indices)
-    if count <= 1:
-        return indices[-count:] if count else []
-    steps = [float(records[i].get("step", i)) for i in indices]
-    chosen, j = [], 0
-    for t in range(count):
-        target = steps[0] + (steps[-1] - steps[0]) * t / (count - 1)
-        while j + 1 < len(steps) and abs(steps[j + 1] - target) <= abs(steps[j] - target):
-            j += 1
-        chosen.append(indices[j])
-    return chosen
 
 
 def _checkpoint_due(config: StageConfig, step: int, total_steps: int) -> bool:

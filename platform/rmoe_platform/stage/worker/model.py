@@ -7,10 +7,10 @@ from pathlib import Path
 
 from torch import nn
 
-from rmoe import ModelSpec, build_model, convert_layers, find_mlp_layers, resolve_layers, upcycle
+from rmoe import ModelSpec, build_model, convert_layers, spec_of, upcycle
 from rmoe.checkpoint import load_weights
-from rmoe_platform.stage.worker.checkpoints import MODEL_FILE, checkpoint_spec, load_model_state
 from rmoe_platform.config.stage import StageConfig
+from rmoe_platform.stage.worker.checkpoints import MODEL_FILE, checkpoint_spec, load_model_state
 
 
 def model_dir(checkpoint: Path) -> Path:
@@ -42,15 +42,11 @@ def build_stage_model(
 def _fresh(config: StageConfig) -> tuple[nn.Module, ModelSpec]:
     spec = config.model.base_spec()
     if config.model.num_classes is not None:
-        spec = ModelSpec(spec.arch, {**spec.model_kwargs, "num_classes": config.model.num_classes})
+        spec = spec.with_kwargs(num_classes=config.model.num_classes)
     model = build_model(spec, seed=config.seed)
-    moe = config.model.moe_config()
-    if moe is not None:
-        layers = resolve_layers(config.model.moe_layers, len(find_mlp_layers(model)))
-        convert_layers(model, layers, moe, init="scratch", seed=config.seed)
-        spec = spec.with_moe(tuple(layers), moe)
-    model.rmoe_spec = spec
-    return model, spec
+    if config.model.moe is not None:
+        convert_layers(model, config.model.moe_layers, config.model.moe, init="scratch", seed=config.seed)
+    return model, spec_of(model)
 
 
 def _from_parent(config: StageConfig, parent: Path, load: bool) -> tuple[nn.Module, ModelSpec]:
@@ -60,13 +56,9 @@ def _from_parent(config: StageConfig, parent: Path, load: bool) -> tuple[nn.Modu
     model = build_model(spec)
     if load:
         load_weights(model, load_model_state(parent), source=f"parent checkpoint {parent}")
-    moe = config.model.moe_config()
-    if moe is not None and not spec.is_moe:
-        layers = resolve_layers(config.model.moe_layers, len(find_mlp_layers(model)))
-        upcycle(model, layers, moe, seed=config.seed)
-        spec = spec.with_moe(tuple(layers), moe)
-    model.rmoe_spec = spec
-    return model, spec
+    if config.model.moe is not None and not spec.is_moe:
+        upcycle(model, config.model.moe_layers, config.model.moe, seed=config.seed)
+    return model, spec_of(model)
 
 
 def _with_head(model: nn.Module, spec: ModelSpec, num_classes: int | None) -> tuple[nn.Module, ModelSpec]:
@@ -74,6 +66,5 @@ def _with_head(model: nn.Module, spec: ModelSpec, num_classes: int | None) -> tu
     if num_classes is None or num_classes == getattr(model, "num_classes", None):
         return model, spec
     model.reset_classifier(num_classes)
-    spec = ModelSpec(spec.arch, {**spec.model_kwargs, "num_classes": num_classes}, spec.moe_layers, spec.moe)
-    model.rmoe_spec = spec
-    return model, spec
+    model.rmoe_spec = spec.with_kwargs(num_classes=num_classes)
+    return model, model.rmoe_spec

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from rmoe.moe import parameter_role
 from rmoe_platform.config.stage import OptimConfig
 
 
@@ -17,7 +18,8 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        kind = "router" if ".router." in name else "residual" if ".res_" in name else "base"
+        role = parameter_role(name)
+        kind = role if role in ("router", "residual") else "base"
         decay = param.ndim >= 2 and name not in no_decay_names and not name.endswith("pos_embed")
         groups.setdefault((kind, decay), []).append(param)
     lrs = {"router": cfg.router_lr or cfg.lr, "residual": cfg.residual_lr or cfg.lr, "base": cfg.lr}

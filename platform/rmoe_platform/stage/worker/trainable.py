@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from rmoe.moe import parameter_role
 from rmoe.upcycle import moe_layers
 
 
@@ -15,20 +16,17 @@ def _moe_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 
 def group_members(model: nn.Module, group: str) -> set[str]:
-    """Parameter names in `group`: all, residual, router, experts, core, moe, head, non_moe, re:<regex>."""
+    """Parameter names in `group`: all, residual, router, experts, core, moe, head, non_moe, re:<regex>.
+    Roles inside MoE layers (router, core, residual, expert) are `rmoe.moe.parameter_role`'s."""
     names = [name for name, _ in model.named_parameters()]
     moe = _moe_prefixes(model)
     in_moe = {n for n in names if n.startswith(moe)} if moe else set()
     if group == "all":
         return set(names)
-    if group == "residual":
-        return {n for n in names if ".res_" in n}
-    if group == "router":
-        return {n for n in in_moe if ".router." in n}
+    if group in ("residual", "router", "core"):
+        return {n for n in in_moe if parameter_role(n) == group}
     if group == "experts":
-        return {n for n in in_moe if ".experts." in n}
-    if group == "core":
-        return {n for n in in_moe if ".core_" in n}
+        return {n for n in in_moe if parameter_role(n) in ("core", "residual", "expert")}
     if group == "moe":
         return in_moe
     if group == "head":

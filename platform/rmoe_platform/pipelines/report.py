@@ -1,0 +1,37 @@
+"""The closing comparison table of an experiment: each pipeline's metric and total cost, its metric's change
+over the dense pipeline, and its cost as a fraction of the MoE pipeline's (the paper's comparison)."""
+
+from __future__ import annotations
+
+from rmoe_platform.pipelines.outcomes import ExperimentReport
+
+
+def format_report(report: ExperimentReport) -> str:
+    """The closing table: metric, total cost, Δ metric vs dense, cost ÷ the MoE pipeline's cost."""
+    dense, moe = report.summaries.get("dense"), report.summaries.get("moe")
+    metric = next((s.stages[-1].node.metric_name for s in report.summaries.values()), "accuracy")
+    header = f"{'pipeline':<10}{metric:>10}{'FLOPs':>11}{'device-s':>10}{'dollars':>10}{'Δ vs dense':>12}"
+    header += f"{'time ÷ MoE':>12}{'FLOPs ÷ MoE':>13}  status"
+    lines = [header, "-" * len(header)]
+    for name, summary in report.summaries.items():
+        cost = summary.cost
+        delta = _delta(summary.metric, dense.metric if dense else None)
+        time_ratio = _ratio(cost.device_seconds, moe.cost.device_seconds if moe and moe.ok else None)
+        flops_ratio = _ratio(cost.flops, moe.cost.flops if moe and moe.ok else None)
+        lines.append(
+            f"{name:<10}{fmt(summary.metric):>10}{cost.flops:>11.3g}{cost.device_seconds:>10.0f}{cost.dollars:>10.4f}"
+            f"{delta:>12}{time_ratio:>12}{flops_ratio:>13}  {'ok' if summary.ok else 'FAILED'}"
+        )
+    return "\n".join(lines)
+
+
+def _delta(value: float | None, reference: float | None) -> str:
+    return "-" if value is None or reference is None else f"{value - reference:+.3f}"
+
+
+def _ratio(value: float, reference: float | None) -> str:
+    return "-" if not reference else f"{value / reference:.2f}"
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
