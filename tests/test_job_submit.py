@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from rmoe_platform.cluster import SINGLE_MACHINE_ENV
 from rmoe_platform.results import ResultsStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,7 @@ def ray_head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
     temp = Path("/tmp") / f"rmoe-head-{secrets.token_hex(4)}"  # short: Ray's socket paths have a length limit
     env = {
         **os.environ,
+        **SINGLE_MACHINE_ENV,  # with --node-ip-address=127.0.0.1: every Ray process on loopback
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is this venv's
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(32),

@@ -36,9 +36,9 @@ def test_pipelines_share_the_dense_upstream_node(tmp_path: Path) -> None:
     assert len(dense_nodes) == 1
     assert shared_keys(plans) == {"upstream_dense"}
     residual = plans["rmoe_i"][1].config
-    assert residual.trainable == ("residual", "router") and residual.model.moe["freeze_core"]
+    assert residual.trainable == ("residual", "router") and residual.model.moe.freeze_core
     assert residual.data == plans["dense"][0].config.data  # the intermediate stage trains on upstream data
-    assert plans["upcycle"][1].config.model.moe["residual"] is False
+    assert plans["upcycle"][1].config.model.moe.residual is False
 
 
 def test_hashes_change_only_downstream_of_a_change(tmp_path: Path) -> None:
@@ -53,6 +53,53 @@ def test_hashes_change_only_downstream_of_a_change(tmp_path: Path) -> None:
     elsewhere = smoke(tmp_path / "elsewhere", f"data.uri={tmp_path / 'data'}")
     moved = {s.key: s.config_hash for stages in plan_pipelines(elsewhere).values() for s in stages}
     assert moved == before, "where checkpoints are written is not part of a stage's identity"
+
+
+# ---- stage identity across refactors -------------------------------------------------------------
+# Recorded at a6b11da, before `rmoe_platform` was regrouped into subpackages (issue 15): cached stages in
+# existing results stores are found by these hashes, so a change here silently retrains everything.
+STAGE_HASHES_BEFORE_THE_MOVE = {
+    "demo": {
+        "dense/downstream": "2761789ed6610279",
+        "moe/downstream": "86ce62001cd18f40",
+        "rmoe_d/downstream": "f333f9b4af068db6",
+        "rmoe_i/downstream": "839db866af7075be",
+        "rmoe_i/residual": "49c0f951caf35237",
+        "upcycle/downstream": "0041609569357616",
+        "upcycle/intermediate": "bcb16331251cd677",
+        "upstream_dense": "61fefb0b8ab02d4a",
+        "upstream_moe": "6719b4231578ae78",
+    },
+    "seg_demo": {
+        "dense/downstream": "fb139e2ad5b56301",
+        "moe/downstream": "934443e73e6c69af",
+        "rmoe_d/downstream": "a74ad8e54b29a14d",
+        "rmoe_i/downstream": "e9bd3487e3058c3e",
+        "rmoe_i/residual": "7a399913dd1565ba",
+        "upcycle/downstream": "3559f2f1ee06ceca",
+        "upcycle/intermediate": "8a1ee4b2a2b5b458",
+        "upstream_dense": "86fd65a1d2a5e2cf",
+        "upstream_moe": "e4046c8c4b6d7300",
+    },
+    "smoke": {
+        "dense/downstream": "b754598c18b7e1cd",
+        "moe/downstream": "6554606408846efa",
+        "rmoe_d/downstream": "4604f5b43cd8ab09",
+        "rmoe_i/downstream": "dc3b44cb292d9fb3",
+        "rmoe_i/residual": "d150f8453f0e8ab2",
+        "upcycle/downstream": "86e101496f64205d",
+        "upcycle/intermediate": "de24da0eac9bd84e",
+        "upstream_dense": "2fa87f65d1f8ca63",
+        "upstream_moe": "c71af0ff612f5c5b",
+    },
+}
+
+
+@pytest.mark.parametrize("preset", sorted(STAGE_HASHES_BEFORE_THE_MOVE))
+def test_stage_hashes_of_the_presets_are_unchanged(preset: str) -> None:
+    exp = ExperimentConfig.load(ROOT / "configs" / f"{preset}.yaml")
+    hashes = {node.key: node.config_hash for stages in plan_pipelines(exp).values() for node in stages}
+    assert hashes == STAGE_HASHES_BEFORE_THE_MOVE[preset]
 
 
 # ---- accounting ----------------------------------------------------------------------------------

@@ -131,3 +131,40 @@ def test_upcycling_is_determined_by_its_seed() -> None:
         rmoe.upcycle(model, [1, 3], config, seed=7)
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+# ---- the spec follows the conversion (one call) ---------------------------------------------------------
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_conversion_records_the_spec_that_rebuilds_the_model(family) -> None:
+    model = dense_model(family)
+    dense_spec = rmoe.spec_of(model)
+    config = MoEConfig(num_experts=2, init_noise=0.05, residual_rank=4)
+    names = rmoe.upcycle(model, "every_other", config, seed=3)
+    spec = rmoe.spec_of(model)
+    layers = tuple(rmoe.resolve_layers("every_other", len(rmoe.find_mlp_layers(model))))
+    assert spec == dense_spec.with_moe(layers, config) and len(names) == len(layers)
+    rebuilt = build_model(ModelSpec.from_json(spec.to_json()))
+    rmoe.load_weights(rebuilt, model.state_dict())  # strict: the spec rebuilds the exact module tree
+
+
+def test_a_second_conversion_with_another_config_is_refused_and_leaves_the_model() -> None:
+    model = dense_model("vit")
+    rmoe.upcycle(model, [1], MoEConfig(num_experts=2))
+    rmoe.upcycle(model, [3], MoEConfig(num_experts=2))  # the same config: the spec holds both layers
+    assert rmoe.spec_of(model).moe_layers == (1, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="another MoE config"):
+        rmoe.upcycle(model, [5], MoEConfig(num_experts=4))
+    with pytest.raises(ValueError, match="unknown layer index 9"):
+        rmoe.upcycle(model, [0, 9], MoEConfig(num_experts=2))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert rmoe.spec_of(model).moe_layers == (1, 3)
+
+
+def test_spec_with_kwargs_changes_only_the_kwargs() -> None:
+    spec = ModelSpec("rmoe_vit_nano_patch4_32", {"num_classes": 10}, (1,), MoEConfig(num_experts=2))
+    changed = spec.with_kwargs(num_classes=3, img_size=64)
+    assert changed.model_kwargs == {"num_classes": 3, "img_size": 64}
+    assert (changed.arch, changed.moe_layers, changed.moe) == (spec.arch, spec.moe_layers, spec.moe)
+    assert spec.model_kwargs == {"num_classes": 10}

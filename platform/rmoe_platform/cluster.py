@@ -1,14 +1,41 @@
 """Where Ray runs: join the cluster a submitted job runs on, or start a local Ray whose every process binds
 to loopback. The one place that starts Ray: the jobs (`connect`), the tests and the benchmarks
-(`start_local`) all go through it."""
+(`start_local`) all go through it.
+
+Why more than `ray.init(_node_ip_address="127.0.0.1")`: Ray 2.60 turns a loopback node address back into
+the machine's interface address on purpose (`ray._private.services.resolve_ip_for_localhost`: "make sure
+localhost isn't resolved to the loopback ip"), except in its single-machine mode (`ray_constants.
+ENABLE_RAY_CLUSTER` false, what `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` sets when `ray` is imported). The
+head passes that one address to every process it starts (GCS, raylet, dashboard and agents, workers,
+and Ray Train's `MASTER_ADDR`), so single-machine mode during `ray.init` is enough; it is switched on
+for that call only, since `ray` is often imported long before. A `ray start --head` this machine starts
+for itself gets the same mode from `SINGLE_MACHINE_ENV` (such a cluster cannot take other nodes).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
+# The environment of a `ray start --head --node-ip-address=127.0.0.1` that keeps every process on loopback.
+SINGLE_MACHINE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@contextmanager
+def _single_machine_mode() -> Iterator[None]:
+    """Ray's single-machine mode while the head starts: a loopback node address is then kept as given."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def start_local(
@@ -25,15 +52,16 @@ def start_local(
     """
     import ray
 
-    return ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=include_dashboard,
-        dashboard_host=LOOPBACK,
-        log_to_driver=False,
-        namespace=namespace,
-        runtime_env=runtime_env,
-        _node_ip_address=LOOPBACK,
-    )
+    with _single_machine_mode():
+        return ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=include_dashboard,
+            dashboard_host=LOOPBACK,
+            log_to_driver=False,
+            namespace=namespace,
+            runtime_env=runtime_env,
+            _node_ip_address=LOOPBACK,
+        )
 
 
 def connect() -> None:

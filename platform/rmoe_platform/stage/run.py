@@ -22,7 +22,7 @@ from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.stage.data import stage_data
 from rmoe_platform.stage.payload import WorkerPayload
-from rmoe_platform.stage.prepare import prepare_stage
+from rmoe_platform.stage.prepare import PreparedStage, prepare_stage
 from rmoe_platform.stage.worker.checkpoints import STATE_FILE
 from rmoe_platform.stage.worker.loop import train_stage_worker
 from rmoe_platform.storage.s3 import S3Access
@@ -111,17 +111,21 @@ def run_stage(
         data.close()
     metrics = dict(result.metrics or {})
     metrics.update({f"data/skipped_{split}": count for split, count in skipped.items()})
-    samples = int(metrics.get("samples", 0))
-    cost = StageCost(
-        device_kind=config.scaling.device_kind,
-        num_workers=config.scaling.num_workers,
-        wall_seconds=wall,
-        device_seconds=wall * config.scaling.num_workers,
+    checkpoint_uri = _checkpoint_uri(config.storage, result.checkpoint.path) if result.checkpoint else None
+    cost = _measured_cost(prepared, wall, int(metrics.get("samples", 0)))
+    return StageResult(config.name, run_name, metrics, checkpoint_uri, cost, prepared.total_steps, prepared.metric_name)
+
+
+def _measured_cost(prepared: PreparedStage, wall_seconds: float, samples: int) -> StageCost:
+    scaling = prepared.config.scaling
+    return StageCost(
+        device_kind=scaling.device_kind,
+        num_workers=scaling.num_workers,
+        wall_seconds=wall_seconds,
+        device_seconds=wall_seconds * scaling.num_workers,
         train_flops_per_sample=prepared.train_flops_per_sample,
         samples=samples,
     )
-    checkpoint_uri = _checkpoint_uri(config.storage, result.checkpoint.path) if result.checkpoint else None
-    return StageResult(config.name, run_name, metrics, checkpoint_uri, cost, prepared.total_steps, prepared.metric_name)
 
 
 def _check_cpus_left_for_ingest(config: StageConfig) -> None:

@@ -1,0 +1,95 @@
+"""A local Ray started the way the tests (`start_local`) and the jobs (`connect`) start it binds every process
+to loopback: the node address each process runs with is read from the running processes themselves
+(command lines of the GCS server, raylet, dashboard and agents; `sys.argv` of task and actor workers,
+whose command line Ray overwrites with their title), in a fresh interpreter that starts and stops its Ray."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+PROBE = textwrap.dedent(
+    r"""
+    import json, os, re, sys
+    import ray  # imported before the start, as in the tests and jobs: the fix must not depend on import order
+    from rmoe_platform import cluster
+
+    IP = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d{1,3}){3})(?![\d.])")
+
+    def children(root):
+        parents = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/stat") as f:
+                        parents.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(name))
+                except OSError:
+                    pass
+        out, stack = [], [root]
+        while stack:
+            for child in parents.get(stack.pop(), []):
+                out.append(child)
+                stack.append(child)
+        return out
+
+    def cmdline(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            return []
+
+    if sys.argv[1] == "tests":
+        cluster.start_local(2, namespace="probe")
+    else:
+        cluster.connect()
+
+    @ray.remote
+    def task_argv():
+        return ray.util.get_node_ip_address(), sys.argv
+
+    @ray.remote
+    class Actor:
+        def argv(self):
+            return ray.util.get_node_ip_address(), sys.argv
+
+    task_ip, task_args = ray.get(task_argv.remote())
+    actor_ip, actor_args = ray.get(Actor.remote().argv.remote())
+    processes = {}
+    for pid in children(os.getpid()):
+        args = cmdline(pid)
+        names = [os.path.basename(a) for a in args if a.endswith((".py", "gcs_server", "raylet"))]
+        if names:
+            processes[names[0]] = sorted(set(IP.findall(" ".join(args))))
+    processes["task worker"] = sorted(set(IP.findall(" ".join(task_args))))
+    processes["actor worker"] = sorted(set(IP.findall(" ".join(actor_args))))
+    reported = {
+        "task": task_ip,
+        "actor": actor_ip,
+        "driver": ray.util.get_node_ip_address(),
+        "nodes": [n["NodeManagerAddress"] for n in ray.nodes()],
+    }
+    ray.shutdown()
+    print(json.dumps({"processes": processes, "reported": reported}))
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["tests", "jobs"])
+def test_every_local_ray_process_runs_on_loopback(how: str) -> None:
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, how], capture_output=True, text=True, timeout=240, env=env, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    processes, reported = seen["processes"], seen["reported"]
+    for required in ("gcs_server", "raylet", "task worker", "actor worker"):
+        assert processes.get(required), f"{required}: no node address seen ({sorted(processes)})"
+    not_loopback = {name: ips for name, ips in processes.items() if set(ips) - {"127.0.0.1"}}
+    assert not_loopback == {}, f"processes with another address: {not_loopback}"
+    assert reported == {"task": "127.0.0.1", "actor": "127.0.0.1", "driver": "127.0.0.1", "nodes": ["127.0.0.1"]}
