@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -18,30 +19,10 @@ PROBE = textwrap.dedent(
     import ray  # imported before the start, as in the tests and jobs: the fix must not depend on import order
     from rmoe_platform import cluster
 
+    sys.path.insert(0, sys.argv[2])  # the tests' folder
+    from processes import cmdline, descendants
+
     IP = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d{1,3}){3})(?![\d.])")
-
-    def children(root):
-        parents = {}
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    with open(f"/proc/{name}/stat") as f:
-                        parents.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(name))
-                except OSError:
-                    pass
-        out, stack = [], [root]
-        while stack:
-            for child in parents.get(stack.pop(), []):
-                out.append(child)
-                stack.append(child)
-        return out
-
-    def cmdline(pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-        except OSError:
-            return []
 
     if sys.argv[1] == "tests":
         cluster.start_local(2, namespace="probe")
@@ -60,7 +41,7 @@ PROBE = textwrap.dedent(
     task_ip, task_args = ray.get(task_argv.remote())
     actor_ip, actor_args = ray.get(Actor.remote().argv.remote())
     processes = {}
-    for pid in children(os.getpid()):
+    for pid in descendants(os.getpid()):
         args = cmdline(pid)
         names = [os.path.basename(a) for a in args if a.endswith((".py", "gcs_server", "raylet"))]
         if names:
@@ -83,7 +64,12 @@ PROBE = textwrap.dedent(
 def test_every_local_ray_process_runs_on_loopback(how: str) -> None:
     env = {"RAY_USAGE_STATS_ENABLED": "0", "PATH": "/usr/bin:/bin"}
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, how], capture_output=True, text=True, timeout=240, env=env, check=False
+        [sys.executable, "-c", PROBE, how, str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])

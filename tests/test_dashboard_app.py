@@ -209,12 +209,12 @@ def test_store_and_checkpoints_on_s3(s3_server, tmp_path: Path, open_app, monkey
 
 
 def test_an_unexpected_page_error_is_a_message(full_store: Path, open_app, monkeypatch) -> None:
-    from dashboard import processing
+    from dashboard import lineage
 
     def broken(*args, **kwargs):
         raise RuntimeError("synthetic failure")
 
-    monkeypatch.setattr(processing, "stage_breakdown", broken)
+    monkeypatch.setattr(lineage, "stage_breakdown", broken)
     app = visit(open_app(str(full_store)), "pipelines")
     assert not app.exception
     assert app.error[0].value == "This page could not be drawn: RuntimeError: synthetic failure"

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from processes import descendants
 
 from rmoe_platform.results import ResultsStore
 from rmoe_platform.sweep import SweepConfig, SweepDriver
@@ -116,24 +117,6 @@ def test_asha_stops_a_clearly_worse_trial_early(ray_local, workspace: Path) -> N
     assert any("stopped early by ASHA" in line for line in lines)
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (from /proc), so the test stops exactly what its driver started."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
-
-
 def _kill(pids: list[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -162,7 +145,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(workspace: Pat
             assert time.monotonic() < deadline, "no trial finished in time"
             time.sleep(1.0)
     finally:
-        started = _descendants(driver.pid)
+        started = descendants(driver.pid)
         driver.kill()
         driver.wait(timeout=60)
         _kill(started)
