@@ -226,6 +226,7 @@ def overview(frame: pd.DataFrame, metric: str, unit: CostUnit, *, marginal: bool
             "sweep_id": rows["sweep_id"],
             "params": rows["params_label"],
             "pipeline": rows["pipeline"],
+            "core": [core_label(row) for row in rows.to_dict("records")],
             "run_id": rows["run_id"],
             "status": rows["status"],
             "metric": rows["value"],
@@ -252,6 +253,15 @@ def overview(frame: pd.DataFrame, metric: str, unit: CostUnit, *, marginal: bool
     references = points[points["pipeline"].isin(["dense", "moe"]) & points["metric"].notna()]
     references = references[["pipeline", "experiment", "params", "metric", "x"]].reset_index(drop=True)
     return Overview(points, references, notes)
+
+
+def core_label(row: Mapping[str, Any]) -> str:
+    """Where a pipeline run's dense core came from: "imported" (a pretrained model read from
+    `upstream.checkpoint`, charged its declared cost) or "trained" (its own upstream stage; the MoE
+    pipeline trains no dense core, "-")."""
+    if row.get("imported") is True:
+        return "imported"
+    return "-" if row.get("pipeline") == "moe" else "trained"
 
 
 def _metric_value(row: Mapping[str, Any], metric: str, finals: Mapping[str, Mapping[str, Any]]) -> float:
@@ -292,6 +302,7 @@ def paper_table(points: pd.DataFrame, metric: str, unit: CostUnit) -> pd.DataFra
     table = pd.DataFrame(
         {
             "pipeline": points["pipeline"],
+            "core": points["core"],
             "experiment": points["experiment"],
             "params": points["params"],
             metric: points["metric"],

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -61,13 +63,26 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Tensors from a safetensors file, or from a torch state-dict file loaded with weights_only=True."""
+    """Tensors from a safetensors file, or from a torch file loaded with `weights_only=True` (a
+    `state_dict` or `model` wrapper key is unwrapped). Anything else is a ValueError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint: no such file {str(path)!r}")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"checkpoint: {str(path)!r} is not a readable safetensors file ({err})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = _refusal_reason(str(err))
+        raise ValueError(
+            f"checkpoint: {str(path)!r} holds pickled Python objects that torch.load(weights_only=True) refuses "
+            f"({reason}); save a state dict of tensors, or safetensors"
+        ) from None
+    except (RuntimeError, OSError, EOFError) as err:
+        raise ValueError(f"checkpoint: {str(path)!r} is not a readable torch file ({err})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -76,22 +91,36 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     return state
 
 
+def _refusal_reason(message: str) -> str:
+    """The line of torch's weights_only refusal that names the offending global, without ANSI codes."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in message.splitlines()]
+    return next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "refused")
+
+
+def state_mismatches(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Every key whose presence or shape differs, in the model's order then the file's, each with the
+    shapes on both sides ("-" where a side lacks the key)."""
+    out = []
+    for key, tensor in expected.items():
+        if key not in state:
+            out.append(f"{key}: checkpoint - vs model {tuple(tensor.shape)}")
+        elif state[key].shape != tensor.shape:
+            out.append(f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(tensor.shape)}")
+    out.extend(f"{key}: checkpoint {tuple(t.shape)} vs model -" for key, t in state.items() if key not in expected)
+    return out
+
+
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> None:
-    """Load `state` strictly; a mismatch raises a ValueError listing what differs."""
+    """Load `state` strictly; a mismatch raises a ValueError listing the first keys that differ."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(state)
-        if state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-            if items:
-                parts.append(f"{label}: {', '.join(items[:8])}{' …' if len(items) > 8 else ''}")
-        raise ValueError(f"{source}: mismatched checkpoint ({'; '.join(parts)})")
+    mismatches = state_mismatches(expected, state)
+    if mismatches:
+        missing = sum(k not in state for k in expected)
+        unexpected = sum(k not in expected for k in state)
+        shapes = len(mismatches) - missing - unexpected
+        counts = f"{missing} missing, {unexpected} unexpected, {shapes} shape mismatch"
+        shown = "; ".join(mismatches[:6]) + (" …" if len(mismatches) > 6 else "")
+        raise ValueError(f"{source}: mismatched checkpoint ({counts}): {shown}")
     model.load_state_dict(dict(state), strict=True)
 
 

@@ -293,7 +293,7 @@ def full_rows(ckpt: dict[str, str]) -> list[dict[str, Any]]:
     rows += [seg_dense, seg_rmoe]
     rows += [
         _pipeline("dense", [seg_dense], 0.30, suffix="seg", **seg_metrics),
-        _pipeline("rmoe_i", [seg_rmoe], 0.35, suffix="seg", **seg_metrics),
+        _pipeline("rmoe_i", [seg_rmoe], 0.35, suffix="seg", imported=True, **seg_metrics),  # from an imported core
     ]
     return rows
 

@@ -87,6 +87,7 @@ def test_metric_choice_reaches_final_stage_metrics(frame: pd.DataFrame) -> None:
     assert set(view.points["experiment"]) == {"exp-seg"}
     table = processing.paper_table(view.points, "aAcc", COST_UNITS["dollars"])
     assert list(table["pipeline"]) == ["dense", "rmoe_i"] and "cost (dollars)" in table.columns
+    assert list(table["core"]) == ["trained", "imported"]
     assert table.loc[1, "Δ vs dense"] == pytest.approx(0.05)
 
 

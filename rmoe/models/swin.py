@@ -30,6 +30,9 @@ _ARCHS: dict[str, dict[str, Any]] = {
     ),
 }
 
+# timm's name of the same dense architecture (see `rmoe.models.vit.TIMM_DENSE_NAMES`).
+TIMM_DENSE_NAMES = {"rmoe_swin_tiny_patch4_window7_224": "swin_tiny_patch4_window7_224"}
+
 default_cfgs = generate_default_cfgs(
     {
         "rmoe_swin_nano_patch4_window4_64": default_cfg((3, 64, 64), 10),

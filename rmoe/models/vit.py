@@ -17,6 +17,14 @@ _ARCHS: dict[str, dict[str, Any]] = {
     "rmoe_vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
 }
 
+# timm's name of the same dense architecture: its state dicts (e.g. timm's own weights exported to
+# safetensors) load into the dense `rmoe_*` model unchanged.
+TIMM_DENSE_NAMES = {
+    "rmoe_vit_tiny_patch16_224": "vit_tiny_patch16_224",
+    "rmoe_vit_small_patch16_224": "vit_small_patch16_224",
+    "rmoe_vit_base_patch16_224": "vit_base_patch16_224",
+}
+
 default_cfgs = generate_default_cfgs(
     {
         "rmoe_vit_nano_patch4_32": default_cfg((3, 32, 32), 10),

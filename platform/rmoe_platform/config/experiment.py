@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rmoe import MoEConfig
 from rmoe_platform import storage
@@ -31,6 +32,59 @@ class PhaseConfig:
     def __post_init__(self) -> None:
         check(self.task in TASKS, f"task: unknown task {self.task!r} (use {', '.join(TASKS)})")
         check(self.batch_size is None or self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+
+
+Phase = TypeVar("Phase", bound=PhaseConfig)
+
+
+@dataclass(frozen=True)
+class DeclaredCost:
+    """What producing an imported core cost, as the user declares it (0 = sunk: paid before, or by
+    someone else). `dollars` defaults to `gpu_days` at the experiment's GPU price; `flops` to 0 (unknown)."""
+
+    gpu_days: float = 0.0
+    dollars: float | None = None
+    flops: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("gpu_days", "dollars", "flops"):
+            value = getattr(self, name)
+            check(
+                value is None or (isinstance(value, int | float) and math.isfinite(value) and value >= 0),
+                f"{name} must be a finite number >= 0, got {value!r}",
+            )
+
+
+@dataclass(frozen=True)
+class UpstreamPhaseConfig(PhaseConfig):
+    """The upstream phase: trained (`data` + `budget`), or a pretrained dense core imported from
+    `checkpoint` (a local path or s3:// URI of a safetensors or torch file, in timm's naming of the
+    matching dense architecture, or a dense rmoe checkpoint) at a declared `cost`. With a checkpoint,
+    `data` and `budget` serve only the pipelines that still train upstream (`moe`, and the intermediate
+    stages of `rmoe_i` and `upcycle`, which train on upstream data)."""
+
+    budget: BudgetConfig | None = None  # type: ignore[assignment]
+    checkpoint: str | None = None
+    cost: DeclaredCost | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.checkpoint is None or bool(self.checkpoint.strip()), "checkpoint must be a path or s3:// URI")
+        check(
+            self.checkpoint is not None or self.budget is not None,
+            "budget is required (or set checkpoint to start from a pretrained dense core)",
+        )
+        check(
+            self.cost is None or self.checkpoint is not None, "cost: a declared cost belongs to an imported checkpoint"
+        )
+
+    @property
+    def imported(self) -> bool:
+        return self.checkpoint is not None
+
+    @property
+    def declared_cost(self) -> DeclaredCost:
+        return self.cost or DeclaredCost()
 
 
 @dataclass(frozen=True)
@@ -81,7 +135,7 @@ class ExperimentConfig:
     arch: str = "rmoe_vit_nano_patch4_32"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     moe: MoESettings = field(default_factory=MoESettings)
-    upstream: PhaseConfig = field(default_factory=lambda: PhaseConfig(BudgetConfig(epochs=1)))
+    upstream: UpstreamPhaseConfig = field(default_factory=lambda: UpstreamPhaseConfig(BudgetConfig(epochs=1)))
     intermediate: PhaseConfig = field(default_factory=lambda: PhaseConfig(BudgetConfig(steps=20)))
     downstream: PhaseConfig = field(default_factory=lambda: PhaseConfig(BudgetConfig(epochs=1)))
     batch_size: int = 64
@@ -99,7 +153,7 @@ class ExperimentConfig:
         check(len(self.pipelines) > 0, "pipelines must name at least one pipeline")
         for pipeline in self.pipelines:
             check(pipeline in PIPELINES, f"pipelines: unknown pipeline {pipeline!r} (known: {', '.join(PIPELINES)})")
-        check(self.upstream.data is not None, "upstream.data is required")
+        self._check_upstream()
         check(self.downstream.data is not None, "downstream.data is required")
         for phase in ("upstream", "intermediate"):
             task = getattr(self, phase).task
@@ -114,6 +168,37 @@ class ExperimentConfig:
         )
         for kind in {self.scaling.device_kind, (self.moe_scaling or self.scaling).device_kind}:
             check(kind in self.prices, f"prices: no price for device kind {kind!r}")
+
+    def _check_upstream(self) -> None:
+        """What the pipelines need of the upstream phase: a trained upstream needs data; `moe` always
+        trains upstream (from scratch); `rmoe_i`/`upcycle` train their intermediate stage on upstream data."""
+        up = self.upstream
+        if not up.imported:
+            check(up.data is not None, "upstream.data is required (or set upstream.checkpoint to a pretrained core)")
+            return
+        if "moe" in self.pipelines:
+            check(
+                up.data is not None and up.budget is not None,
+                "pipelines: moe trains its MoE from scratch upstream and needs upstream.data and upstream.budget "
+                "(the imported upstream.checkpoint serves dense, rmoe_i, rmoe_d and upcycle only)",
+            )
+        for pipeline in ("rmoe_i", "upcycle"):
+            check(
+                pipeline not in self.pipelines or self.intermediate_data is not None,
+                f"pipelines: {pipeline}'s intermediate stage trains on upstream data: set upstream.data "
+                "(or intermediate.data)",
+            )
+        cost = up.declared_cost
+        check(
+            cost.dollars is not None or cost.gpu_days == 0 or "gpu" in self.prices,
+            "upstream.cost: gpu_days declared but prices has no gpu price (set prices.gpu or upstream.cost.dollars)",
+        )
+
+    @property
+    def intermediate_data(self) -> DataSpec | None:
+        """The data of the intermediate stages (RMoE-I residual, upcycling): `intermediate.data`, else the
+        upstream data."""
+        return self.intermediate.data or self.upstream.data
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -130,19 +215,24 @@ class ExperimentConfig:
         def local_path(uri: str) -> bool:
             return not storage.is_remote(uri) and ("/" in uri or uri.startswith((".", "~")))
 
-        def phase(config: PhaseConfig) -> PhaseConfig:
+        def phase(config: Phase) -> Phase:
             if config.data is None or not local_path(config.data.uri):
                 return config
             return dataclasses.replace(
                 config, data=dataclasses.replace(config.data, uri=storage.normalize(config.data.uri))
             )
 
+        checkpoint = self.upstream.checkpoint
+        if checkpoint is not None and not storage.is_remote(checkpoint):
+            upstream = dataclasses.replace(phase(self.upstream), checkpoint=storage.normalize(checkpoint))
+        else:
+            upstream = phase(self.upstream)
         return dataclasses.replace(
             self,
             storage=storage.normalize(self.storage),
             results=storage.normalize(self.results),
             data=DataRoot(storage.normalize(self.data.uri)),
-            upstream=phase(self.upstream),
+            upstream=upstream,
             intermediate=phase(self.intermediate),
             downstream=phase(self.downstream),
         )

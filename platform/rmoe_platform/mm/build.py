@@ -96,10 +96,3 @@ def _pyramid_channels(task: str, backbone: dict[str, Any]) -> list[int]:
     module = build_registered(task, dict(backbone))
     assert isinstance(module, RMoEBackbone)
     return module.out_channels
-
-
-def trunk_of(model: nn.Module) -> nn.Module:
-    """The timm trunk inside an mm model built by `build_dense_model`."""
-    backbone = model.backbone
-    assert isinstance(backbone, RMoEBackbone)
-    return backbone.trunk

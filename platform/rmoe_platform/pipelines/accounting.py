@@ -3,6 +3,7 @@ pipeline's total over all its stages (shared stages charged in full to every pip
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,21 @@ def stage_cost(flops: float, device_seconds: float, device_kind: str, prices: Ma
         raise ValueError(f"prices: no price for device kind {device_kind!r}")
     gpu_seconds = device_seconds if device_kind == "gpu" else 0.0
     return Cost(flops, device_seconds, gpu_seconds, device_seconds / 3600.0 * prices[device_kind])
+
+
+def declared_cost(gpu_days: float, dollars: float | None, flops: float, prices: Mapping[str, float]) -> Cost:
+    """A cost the user declares rather than one measured (an imported core's): `gpu_days` of GPU time,
+    priced at `prices["gpu"]` per GPU-hour unless `dollars` is given."""
+    seconds = gpu_days * SECONDS_PER_DAY
+    if dollars is None:
+        dollars = seconds / 3600.0 * prices["gpu"] if seconds else 0.0
+    return Cost(flops, seconds, seconds, dollars)
+
+
+def same_cost(a: Cost, b: Cost) -> bool:
+    """Equal up to float round-off (a cost read back from a row went through GPU-days)."""
+    pairs = zip(a.as_fields("").values(), b.as_fields("").values(), strict=True)
+    return all(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9) for x, y in pairs)
 
 
 def total(costs: Iterable[Cost]) -> Cost:

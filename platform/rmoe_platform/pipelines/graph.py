@@ -1,5 +1,9 @@
 """The paper's pipelines as graphs of stages; shared stages are one node, identified by content hash.
 
+With `upstream.checkpoint` set, the upstream dense stage is an *imported* node (kind `imported`, keyed by
+the file's content hash, see `pipelines.imported`): nothing trains it, and the pipelines below that start
+from the dense core start from it.
+
 - dense (lower bound): upstream dense → downstream dense
 - moe (upper bound): upstream MoE from scratch → downstream MoE
 - rmoe_i: upstream dense → short residual stage on upstream data (core from the dense model, experts =
@@ -14,14 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from rmoe import MoEConfig
 from rmoe_platform.config.experiment import ExperimentConfig, PhaseConfig
 from rmoe_platform.config.fields import ConfigError
-from rmoe_platform.config.stage import DataSpec, ModelConfig, StageConfig
+from rmoe_platform.config.stage import BudgetConfig, DataSpec, ModelConfig, StageConfig
 from rmoe_platform.names import METRIC_NAMES, PIPELINES
+
+if TYPE_CHECKING:
+    from rmoe_platform.pipelines.imported import ImportedCore
 
 # Fields that do not change what a stage computes (where it writes, how it logs, test hooks).
 _HASH_EXCLUDED = {
@@ -39,10 +46,11 @@ _HASH_EXCLUDED = {
 @dataclass(frozen=True)
 class StageNode:
     key: str  # unique within the experiment, e.g. "upstream_dense", "rmoe_i/downstream"
-    kind: str  # upstream_dense | upstream_moe | residual | upcycle | downstream
+    kind: str  # upstream_dense | imported | upstream_moe | residual | upcycle | downstream
     config: StageConfig  # model.parent_checkpoint is filled in at run time from the parent's result
     parent: StageNode | None
     config_hash: str
+    imported: ImportedCore | None = None  # set on an imported core (its config only records the model)
 
     @property
     def metric_name(self) -> str:
@@ -69,8 +77,14 @@ def stage_hash(config: StageConfig, parent_hash: str | None) -> str:
 class _Planner:
     """Builds an experiment's stage nodes; a node asked for twice (the dense core) is built once."""
 
-    def __init__(self, exp: ExperimentConfig) -> None:
+    def __init__(self, exp: ExperimentConfig, core: ImportedCore | None) -> None:
+        if exp.upstream.imported and core is None:
+            raise ConfigError(
+                "experiment.upstream.checkpoint: the stage graph keys an imported core by its content; "
+                "inspect it first (ExperimentRunner.validate)"
+            )
         self.exp = exp
+        self.core = core if exp.upstream.imported else None
         self.nodes: dict[str, StageNode] = {}
 
     def node(self, key: str, kind: str, config: StageConfig, parent: StageNode | None) -> StageNode:
@@ -82,13 +96,28 @@ class _Planner:
         return self.exp.moe.config(residual=residual)
 
     def dense_upstream(self) -> StageNode:
+        if self.core is not None:
+            return self.imported_core(self.core)
         config = _stage(self.exp, "upstream_dense", self.exp.upstream)
         return self.node("upstream_dense", "upstream_dense", config, None)
+
+    def imported_core(self, core: ImportedCore) -> StageNode:
+        """The dense core read from `upstream.checkpoint`: keyed by its content, never trained (its config
+        records the model the children load and where the experiment's checkpoints live)."""
+        key = "upstream_dense"
+        if key not in self.nodes:
+            exp = self.exp
+            phase = replace(exp.upstream, budget=exp.upstream.budget or BudgetConfig(steps=1))  # unused
+            config = _stage(exp, key, phase, data=exp.upstream.data or exp.downstream.data)
+            classes = core.spec.model_kwargs.get("num_classes")
+            config = replace(config, model=replace(config.model, num_classes=classes or None))
+            self.nodes[key] = StageNode(key, "imported", config, None, core.identity, core)
+        return self.nodes[key]
 
     def intermediate(self, key: str, kind: str, parent: StageNode, moe: MoEConfig, **fields: Any) -> StageNode:
         """A short stage on upstream data (the RMoE-I residual stage, the upcycling stage)."""
         name = key.replace("/", "-")
-        config = _stage(self.exp, name, self.exp.intermediate, data=self.exp.upstream.data, moe=moe, **fields)
+        config = _stage(self.exp, name, self.exp.intermediate, data=self.exp.intermediate_data, moe=moe, **fields)
         return self.node(key, kind, config, parent)
 
     def downstream(self, pipeline: str, parent: StageNode, moe: MoEConfig | None = None) -> StageNode:
@@ -137,9 +166,10 @@ PIPELINE_BUILDERS: dict[str, Callable[[_Planner], StageNode]] = {
 assert tuple(PIPELINE_BUILDERS) == PIPELINES, "every pipeline name has a builder, in the names' order"
 
 
-def plan_pipelines(exp: ExperimentConfig) -> dict[str, list[StageNode]]:
-    """Each requested pipeline's stages in order; nodes shared between pipelines are the same object."""
-    planner = _Planner(exp)
+def plan_pipelines(exp: ExperimentConfig, core: ImportedCore | None = None) -> dict[str, list[StageNode]]:
+    """Each requested pipeline's stages in order; nodes shared between pipelines are the same object.
+    `core`: the inspected `upstream.checkpoint` (required when the experiment imports its core)."""
+    planner = _Planner(exp, core)
     return {pipeline: PIPELINE_BUILDERS[pipeline](planner).lineage for pipeline in exp.pipelines}
 
 

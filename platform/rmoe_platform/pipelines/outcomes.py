@@ -4,16 +4,19 @@ their total cost), the report of the whole run, and the sweep trial a run may be
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rmoe_platform.pipelines.accounting import Cost, total
 from rmoe_platform.pipelines.graph import StageNode
+
+if TYPE_CHECKING:
+    from rmoe_platform.pipelines.imported import ImportedCore
 
 
 @dataclass
 class StageOutcome:
     node: StageNode
-    status: str  # succeeded | cached | failed | skipped
+    status: str  # succeeded | cached | imported | failed | skipped
     run_id: str
     cost: Cost = field(default_factory=Cost)
     metric: float | None = None
@@ -22,7 +25,7 @@ class StageOutcome:
 
     @property
     def ok(self) -> bool:
-        return self.status in ("succeeded", "cached")
+        return self.status in ("succeeded", "cached", "imported")
 
 
 @dataclass
@@ -42,6 +45,11 @@ class PipelineSummary:
     @property
     def cost(self) -> Cost:
         return total(stage.cost for stage in self.stages)
+
+    @property
+    def imported(self) -> ImportedCore | None:
+        """The imported core this pipeline starts from (None: it trained its own upstream)."""
+        return next((s.node.imported for s in self.stages if s.node.imported is not None), None)
 
 
 @dataclass(frozen=True)

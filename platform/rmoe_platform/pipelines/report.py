@@ -3,15 +3,17 @@ over the dense pipeline, and its cost as a fraction of the MoE pipeline's (the p
 
 from __future__ import annotations
 
-from rmoe_platform.pipelines.outcomes import ExperimentReport
+from rmoe_platform.pipelines.outcomes import ExperimentReport, PipelineSummary
 
 
 def format_report(report: ExperimentReport) -> str:
-    """The closing table: metric, total cost, Δ metric vs dense, cost ÷ the MoE pipeline's cost."""
+    """The closing table: metric, total cost, Δ metric vs dense, cost ÷ the MoE pipeline's cost, and where
+    each pipeline's core came from (trained upstream, imported, or none: the MoE trained from scratch);
+    an imported core's source and declared cost follow the table."""
     dense, moe = report.summaries.get("dense"), report.summaries.get("moe")
     metric = next((s.stages[-1].node.metric_name for s in report.summaries.values()), "accuracy")
     header = f"{'pipeline':<10}{metric:>10}{'FLOPs':>11}{'device-s':>10}{'dollars':>10}{'Δ vs dense':>12}"
-    header += f"{'time ÷ MoE':>12}{'FLOPs ÷ MoE':>13}  status"
+    header += f"{'time ÷ MoE':>12}{'FLOPs ÷ MoE':>13}  {'core':<9}status"
     lines = [header, "-" * len(header)]
     for name, summary in report.summaries.items():
         cost = summary.cost
@@ -20,9 +22,17 @@ def format_report(report: ExperimentReport) -> str:
         flops_ratio = _ratio(cost.flops, moe.cost.flops if moe and moe.ok else None)
         lines.append(
             f"{name:<10}{fmt(summary.metric):>10}{cost.flops:>11.3g}{cost.device_seconds:>10.0f}{cost.dollars:>10.4f}"
-            f"{delta:>12}{time_ratio:>12}{flops_ratio:>13}  {'ok' if summary.ok else 'FAILED'}"
+            f"{delta:>12}{time_ratio:>12}{flops_ratio:>13}  {_core(summary):<9}{'ok' if summary.ok else 'FAILED'}"
         )
+    cores = {id(s.imported): s.imported for s in report.summaries.values() if s.imported is not None}
+    lines.extend(f"upstream_dense: {core.summary()}" for core in cores.values())
     return "\n".join(lines)
+
+
+def _core(summary: PipelineSummary) -> str:
+    if summary.imported is not None:
+        return "imported"
+    return "trained" if any(s.node.kind == "upstream_dense" for s in summary.stages) else "-"
 
 
 def _delta(value: float | None, reference: float | None) -> str:

@@ -15,8 +15,9 @@ from rmoe_platform.config.experiment import ExperimentConfig
 from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.datasets.checks import DatasetCheck, check_dataset, ensure_dataset
 from rmoe_platform.datasets.format import DatasetCard
-from rmoe_platform.pipelines.accounting import Cost, stage_cost, total
+from rmoe_platform.pipelines.accounting import Cost, same_cost, stage_cost, total
 from rmoe_platform.pipelines.graph import StageNode, plan_pipelines, shared_keys
+from rmoe_platform.pipelines.imported import inspect_core, materialize_core
 from rmoe_platform.pipelines.outcomes import ExperimentReport, PipelineSummary, StageOutcome, SweepTrial
 from rmoe_platform.pipelines.report import fmt
 from rmoe_platform.results import ResultsStore
@@ -54,17 +55,22 @@ class ExperimentRunner:
         self._validated: tuple[dict[str, list[StageNode]], dict[str, DatasetCheck]] | None = None
 
     def validate(self) -> dict[str, list[StageNode]]:
-        """What can fail before any stage runs (nothing is written): the stage graph, storage and results
-        locations, and each dataset (present and valid, or generatable where it should be)."""
-        try:
-            plans = plan_pipelines(self.exp)
-        except ValueError as err:
-            raise ConfigError(str(err) if isinstance(err, ConfigError) else f"experiment: {err}") from None
+        """What can fail before any stage runs (nothing is written): storage and results locations, each
+        dataset (present and valid, or generatable where it should be), an imported core (readable, of the
+        experiment's architecture key by key), and the stage graph."""
         storage.check_writable(self.exp.storage, field="experiment.storage", s3=self.access)
         self.store.check_writable()
         datasets = {
             field_path: check_dataset(spec, self.access, field_path) for field_path, spec in self.exp.datasets().items()
         }
+        core = None
+        if self.exp.upstream.imported:
+            upstream = datasets.get("experiment.upstream.data")
+            core = inspect_core(self.exp, self.access, upstream.num_classes if upstream else None)
+        try:
+            plans = plan_pipelines(self.exp, core)
+        except ValueError as err:
+            raise ConfigError(str(err) if isinstance(err, ConfigError) else f"experiment: {err}") from None
         self._validated = (plans, datasets)
         return plans
 
@@ -114,6 +120,8 @@ class ExperimentRunner:
         if parent is not None and not parent.ok:
             self.log(f"[{node.key}] skipped: parent {parent.node.key} {parent.status}")
             return StageOutcome(node, "skipped", "", error=f"parent {parent.node.key} {parent.status}")
+        if node.imported is not None:
+            return self._imported(node, pipelines)
         cached = self._cached(node)
         if cached is not None:
             self.log(f"[{node.key}] cached (run {cached.run_id}, {node.metric_name} {fmt(cached.metric)})")
@@ -146,11 +154,28 @@ class ExperimentRunner:
         )
         return outcome
 
+    def _imported(self, node: StageNode, pipelines: list[str]) -> StageOutcome:
+        """The imported core: written once as a platform checkpoint, charged its declared cost; its row is
+        written once per identity and declared cost (a rerun reuses the run)."""
+        core = node.imported
+        assert core is not None
+        started = now()
+        uri = materialize_core(core, self.exp, self.access)
+        for row in self._succeeded.get(node.config_hash, []):
+            if row["status"] == "imported" and row["checkpoint_uri"] == uri and same_cost(row_cost(row), core.cost):
+                self.log(f"[{node.key}] imported core (run {row['run_id']}): {core.summary()}")
+                return StageOutcome(node, "imported", row["run_id"], core.cost, None, uri)
+        run_id = f"{node.key}-imported-{node.config_hash[:8]}-{uuid.uuid4().hex[:6]}"
+        outcome = StageOutcome(node, "imported", run_id, core.cost, None, uri)
+        self.store.append([self._stage_row(outcome, None, pipelines, None, started, None)])
+        self.log(f"[{node.key}] {core.summary()}")
+        return outcome
+
     def _succeeded_stage_rows(self) -> dict[str, list[dict[str, Any]]]:
-        """Succeeded stage runs by config hash, newest first (the store is read once per run)."""
+        """Succeeded (and imported) stage runs by config hash, newest first (the store is read once per run)."""
         by_hash: dict[str, list[dict[str, Any]]] = {}
         for row in self.store.read().table.to_pylist():
-            if row["row_type"] == "stage" and row["status"] == "succeeded" and row["config_hash"]:
+            if row["row_type"] == "stage" and row["status"] in ("succeeded", "imported") and row["config_hash"]:
                 by_hash.setdefault(row["config_hash"], []).append(row)
         oldest = dt.datetime.min.replace(tzinfo=dt.UTC)
         for rows in by_hash.values():
@@ -160,7 +185,8 @@ class ExperimentRunner:
     def _cached(self, node: StageNode) -> StageOutcome | None:
         for row in self._succeeded.get(node.config_hash, []):
             uri = row["checkpoint_uri"]
-            if uri and storage.exists(f"{uri.rstrip('/')}/model.safetensors", self.access):
+            trained = row["status"] == "succeeded"
+            if trained and uri and storage.exists(f"{uri.rstrip('/')}/model.safetensors", self.access):
                 return StageOutcome(node, "cached", row["run_id"], row_cost(row), row["metric"], uri)
         return None
 

@@ -52,6 +52,7 @@ def stage_row(
     node, config = outcome.node, outcome.node.config
     moe = config.model.moe
     metrics = result.metrics if result else {}
+    core = node.imported
     return {
         **ctx.common(),
         "task": config.task,
@@ -64,6 +65,8 @@ def stage_row(
         "config_hash": node.config_hash,
         "parent_hash": node.parent.config_hash if node.parent else None,
         "shared": shared,
+        "imported": core is not None,
+        "head_reinitialized": core.head_reinitialized if core else (result.head_reinitialized if result else None),
         "cached": False,
         "status": outcome.status,
         "error": None if trace is None else f"{outcome.error}\n{trace}",
@@ -71,8 +74,8 @@ def stage_row(
         "top_k": moe.top_k if moe else None,
         "moe_layers": json.dumps(config.model.moe_layers) if moe else None,
         "residual_rank": moe.residual_rank if moe else None,
-        "budget_steps": result.total_steps if result else config.budget.steps,
-        "budget_epochs": config.budget.epochs,
+        "budget_steps": None if core else result.total_steps if result else config.budget.steps,
+        "budget_epochs": None if core else config.budget.epochs,
         "metric_name": node.metric_name,
         "metric": outcome.metric,
         "metrics": {k: v for k, v in metrics.items() if k.startswith(("val_", "loss/", "initial/"))},
@@ -84,7 +87,7 @@ def stage_row(
         "wall_seconds": result.cost.wall_seconds if result else None,
         "telemetry": {k: v for k, v in metrics.items() if k.startswith("moe/")},
         "history": metrics.get("history"),
-        "config": config.to_dict(),
+        "config": {"imported": core.describe(), "model": config.to_dict()["model"]} if core else config.to_dict(),
         "checkpoint_uri": outcome.checkpoint_uri,
         "started_at": started,
         "finished_at": now(),
@@ -104,6 +107,7 @@ def pipeline_row(
             "run_id": s.run_id,
             "status": s.status,
             "shared": s.node.key in summary.shared,
+            "imported": s.node.imported is not None,
             "flops": s.cost.flops,
             "device_seconds": s.cost.device_seconds,
             "dollars": s.cost.dollars,
@@ -121,6 +125,7 @@ def pipeline_row(
         "run_id": run_id,
         "parent_run_id": last.run_id,
         "status": "succeeded" if summary.ok else "failed",
+        "imported": summary.imported is not None,
         "error": "; ".join(f"{s.node.key}: {s.error}" for s in summary.stages if s.error) or None,
         "metric_name": exp.metric_name,
         "metric": summary.metric,

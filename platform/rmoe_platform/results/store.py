@@ -38,6 +38,8 @@ SCHEMA = pa.schema(
         ("config_hash", pa.string()),
         ("parent_hash", pa.string()),
         ("shared", pa.bool_()),
+        ("imported", pa.bool_()),  # an imported core's stage row / a pipeline that starts from one
+        ("head_reinitialized", pa.bool_()),  # the stage's classifier is new: its parent's had other classes
         ("cached", pa.bool_()),
         ("status", pa.string()),
         ("error", pa.string()),

@@ -20,7 +20,8 @@ from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.datasets.checks import check_dataset, ensure_dataset
 from rmoe_platform.datasets.ingest import OpenDataset
-from rmoe_platform.stage.worker.model import build_stage_model
+from rmoe_platform.stage.worker.checkpoints import checkpoint_spec
+from rmoe_platform.stage.worker.model import build_stage_model, model_dir
 from rmoe_platform.stage.worker.trainable import apply_trainable
 from rmoe_platform.storage.s3 import S3Access
 from rmoe_platform.tasks import task_for
@@ -37,6 +38,7 @@ class PreparedStage:
     dataset: OpenDataset
     access: S3Access
     metric_name: str
+    head_reinitialized: bool | None = None  # a classifier for the stage's classes replaces the parent's
 
     @property
     def num_train(self) -> int:
@@ -72,6 +74,7 @@ def prepare_stage(config: StageConfig, access: S3Access | None = None) -> Prepar
     parent_uri = config.model.parent_checkpoint
     with tempfile.TemporaryDirectory() as tmp:
         parent = _fetch_parent_spec(parent_uri, Path(tmp), access) if parent_uri else None
+        head_reinitialized = _new_head(config, parent)
         try:
             trunk, _ = build_stage_model(without_classes(config), parent=parent, load=False)
             config = _resolve_img_size(config, trunk, strict=config.task == "classification")
@@ -85,7 +88,16 @@ def prepare_stage(config: StageConfig, access: S3Access | None = None) -> Prepar
     _check_expert_parallel(config, model)
     flops = task.train_flops_per_sample(model, config)
     dataset = ensure_dataset(config.data, access, "stage.data", checked)  # written only once all else is valid
-    return PreparedStage(config, parent_uri, flops, dataset, access, task.metric_name)
+    return PreparedStage(config, parent_uri, flops, dataset, access, task.metric_name, head_reinitialized)
+
+
+def _new_head(config: StageConfig, parent: Path | None) -> bool | None:
+    """Whether a classification stage swaps its parent's classifier for one of its own classes (None: no
+    parent, no classifier, or a parent whose class count is not recorded)."""
+    if parent is None or config.task != "classification":
+        return None
+    parent_classes = checkpoint_spec(model_dir(parent)).model_kwargs.get("num_classes")
+    return None if parent_classes is None else parent_classes != config.model.num_classes
 
 
 def _resolve_classes(config: StageConfig, dataset_classes: int) -> StageConfig:

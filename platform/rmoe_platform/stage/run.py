@@ -53,6 +53,7 @@ class StageResult:
     cost: StageCost
     total_steps: int
     metric_name: str = "accuracy"
+    head_reinitialized: bool | None = None  # see PreparedStage
 
     @property
     def metric(self) -> float | None:
@@ -113,7 +114,16 @@ def run_stage(
     metrics.update({f"data/skipped_{split}": count for split, count in skipped.items()})
     checkpoint_uri = _checkpoint_uri(config.storage, result.checkpoint.path) if result.checkpoint else None
     cost = _measured_cost(prepared, wall, int(metrics.get("samples", 0)))
-    return StageResult(config.name, run_name, metrics, checkpoint_uri, cost, prepared.total_steps, prepared.metric_name)
+    return StageResult(
+        config.name,
+        run_name,
+        metrics,
+        checkpoint_uri,
+        cost,
+        prepared.total_steps,
+        prepared.metric_name,
+        prepared.head_reinitialized,
+    )
 
 
 def _measured_cost(prepared: PreparedStage, wall_seconds: float, samples: int) -> StageCost:

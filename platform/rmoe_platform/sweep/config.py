@@ -76,6 +76,11 @@ class SweepConfig:
             self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
             f"max_concurrent_trials must be >= 1, got {self.max_concurrent_trials}",
         )
+        check(
+            not self.experiment.upstream.imported,
+            "experiment.upstream.checkpoint: sweeps train their own upstream stage; an imported core is not "
+            "supported in a sweep yet (run the swept settings as experiments, or train the upstream)",
+        )
         space = self.search_space()
         if self.search.algorithm == "grid":
             for param in space.params:

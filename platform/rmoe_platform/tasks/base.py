@@ -16,8 +16,6 @@ from rmoe.telemetry import MoEAuxSummary
 from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.datasets.format import DataFacts
 
-ImageStats = tuple[tuple[float, ...], tuple[float, ...]]
-
 
 @dataclass
 class StepOutput:
