@@ -40,11 +40,11 @@ def batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_step(model: torch.nn.Module, plan, optimizer, images: torch.Tensor, labels: torch.Tensor) -> None:
-    logits, aux = rmoe.forward_with_aux(model, images)
+    logits, aux = rmoe.forward_with_aux(plan.module, images)  # DDP over the replicated parameters
     loss = torch.nn.functional.cross_entropy(logits, labels) + aux.loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    plan.sync_gradients()
+    plan.sync_expert_gradients()
     optimizer.step()
 
 

@@ -139,7 +139,8 @@ def layout_name(b: Bench, layer: MoEMlp, x: torch.Tensor) -> str:
     """Which grouped layout the layer's experts pick under this device/dtype (e.g. padded vs ragged)."""
     counts = torch.full((b.experts,), 1, device=b.device)
     with b.autocast():
-        return type(make_layout(counts, b.experts, layer.experts.backend, x)).__name__
+        widths = (layer.experts.in_features, layer.experts.hidden_features, layer.experts.out_features)
+        return type(make_layout(counts, b.experts, layer.experts.backend, x, widths)).__name__
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from rmoe.moe import MoEConfig, MoEMlp, ResidualExperts
+from rmoe.moe.grouped import RaggedLayout
 from rmoe.moe.routing import Routing
 
 D, H, E, T = 16, 32, 4, 24
@@ -188,6 +189,51 @@ def test_ragged_grouped_mm_backend_matches_padded_in_bf16() -> None:
     ragged.load_state_dict(padded.state_dict())
     x = torch.randn(64, D, dtype=torch.bfloat16)
     torch.testing.assert_close(ragged(x), padded(x), rtol=2e-2, atol=2e-2)
+
+
+def test_ragged_layout_aligns_every_group_on_the_device() -> None:
+    """Groups of 5, 0, 9 and 2 rows start at multiples of 8; rows come back where they were."""
+    counts_E = torch.tensor([5, 0, 9, 2])
+    layout = RaggedLayout(counts_E, 16, torch.bfloat16)
+    assert layout.offsets_E.tolist() == [8, 8, 24, 32] and layout.num_padded == 16 + 4 * 7
+    x = torch.randn(16, D).bfloat16()
+    packed = layout.pack(x)
+    assert packed.shape == (layout.num_padded, D)
+    assert torch.equal(packed[5:8], torch.zeros(3, D, dtype=torch.bfloat16)), "pads are zero rows"
+    assert torch.equal(packed[8:17], x[5:14]) and torch.equal(layout.unpack(packed), x)
+
+
+@pytest.mark.parametrize(("residual", "rank"), [(False, None), (True, None), (True, 8)])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_grouped_mm_matches_the_loop_reference_in_bf16_forward_and_backward(residual, rank, top_k) -> None:
+    """torch's CPU bf16 grouped GEMM (with the alignment padding CUDA needs) against one GEMM per expert,
+    both under bf16 autocast as in training; one expert gets no row."""
+    torch.manual_seed(2)
+    loop = make_layer(top_k, None, residual=residual, rank=rank, expert_backend="loop")
+    grouped = make_layer(top_k, None, residual=residual, rank=rank, expert_backend="grouped_mm")
+    grouped.load_state_dict(loop.state_dict())
+    x = torch.randn(T * 3, D)
+    x[:, -1] = 1.0  # a constant feature: expert 3's logit is -100 on every row, so it gets no row at all
+    with torch.no_grad():
+        for layer in (loop, grouped):
+            layer.router.gate.weight[3] = torch.zeros(D).index_fill(0, torch.tensor([D - 1]), -100.0)
+    for layer in (loop, grouped):
+        for p in layer.experts.parameters():
+            p.requires_grad_(True)
+    upstream = torch.randn(T * 3, D)
+    results = []
+    for layer in (loop, grouped):
+        x_in = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x_in)
+        params = [x_in, *[p for p in layer.parameters() if p.requires_grad]]
+        results.append((y.float(), torch.autograd.grad((y.float() * upstream).sum(), params)))
+    (y_loop, g_loop), (y_grouped, g_grouped) = results
+    assert int(grouped.router(x).expert_idx_TK.eq(3).sum()) == 0
+    torch.testing.assert_close(y_grouped, y_loop, rtol=2e-2, atol=2e-2)
+    for got, want in zip(g_grouped, g_loop, strict=True):
+        err = (got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)
+        assert err <= 2e-2, f"relative gradient error {err:.2e}"
 
 
 def test_grouped_mm_backend_needs_bf16() -> None:

@@ -88,7 +88,7 @@ def compute_aux(
             kept_counts_E,
             torch.logsumexp(routing.logits_TE, dim=-1).pow(2).sum().reshape(1),
             entropy_sum.reshape(1),
-            probs_TE.new_tensor([float(probs_TE.shape[0])]),
+            probs_TE.new_full((1,), float(probs_TE.shape[0])),  # a fill, not a host-to-device copy
         ]
     )
     stats = reduce(stats)

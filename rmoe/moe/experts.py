@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from rmoe.moe.config import ExpertBackend
-from rmoe.moe.grouped import GroupedLayout, grouped_mm_dtype, make_layout
+from rmoe.moe.grouped import GroupedLayout, grouped_mm_dtype, grouped_mm_fits, make_layout
 
 ExpertWeights = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
 
@@ -45,7 +45,8 @@ class _ExpertMlpBase(nn.Module):
         return [name for name, _ in self.named_parameters(recurse=False) if not name.startswith("core_")]
 
     def layout(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> GroupedLayout:
-        return make_layout(tokens_per_expert_E, x_ND.shape[0], self.backend, x_ND)
+        widths = (self.in_features, self.hidden_features, self.out_features)
+        return make_layout(tokens_per_expert_E, x_ND.shape[0], self.backend, x_ND, widths)
 
 
 class GroupedExperts(_ExpertMlpBase):
@@ -189,7 +190,8 @@ class ResidualExperts(_ExpertMlpBase):
             w1, b1, w2, b2 = self.expert_weights()
             h = self.drop1(self.act(layout.linear(layout.pack(x_ND), w1, b1)))
             return self.drop2(layout.unpack(layout.linear(h, w2, b2)))
-        thin = thin_layout(x_ND, tokens_per_expert_E, self.backend)
+        widths = (self.in_features, self.hidden_features, self.out_features, self.rank)
+        thin = thin_layout(x_ND, tokens_per_expert_E, self.backend, widths)
         h_NH = core_plus_low_rank(
             thin, x_ND, self.core_w1_DH, self.core_b1_H, self.res_w1_a_EDR, self.res_w1_b_ERH, self.res_b1_EH
         )
@@ -200,14 +202,17 @@ class ResidualExperts(_ExpertMlpBase):
         return self.drop2(y_NO)
 
 
-def thin_layout(x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, backend: ExpertBackend) -> GroupedLayout:
-    """Layout of the rank-R residual GEMMs: torch's grouped GEMM where it runs (CUDA, bf16); elsewhere
-    one thin GEMM per expert on the contiguous slices the dispatcher produced. Padding would copy the
-    wide [N, D] / [N, H] activations into [E, C, ·] buffers and back, which costs more than the thin
+def thin_layout(
+    x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, backend: ExpertBackend, widths: tuple[int, ...]
+) -> GroupedLayout:
+    """Layout of the rank-R residual GEMMs: torch's grouped GEMM where it runs (CUDA, bf16, aligned widths);
+    elsewhere one thin GEMM per expert on the contiguous slices the dispatcher produced. Padding would copy
+    the wide [N, D] / [N, H] activations into [E, C, ·] buffers and back, which costs more than the thin
     GEMMs themselves (measured in benchmarks/moe_layer.py). An explicit `expert_backend` is honoured."""
     if backend == "auto":
-        backend = "auto" if x_ND.device.type == "cuda" and grouped_mm_dtype(x_ND) is not None else "loop"
-    return make_layout(tokens_per_expert_E, x_ND.shape[0], backend, x_ND)
+        ragged = x_ND.device.type == "cuda" and grouped_mm_dtype(x_ND) is not None and grouped_mm_fits(widths)
+        backend = "auto" if ragged else "loop"
+    return make_layout(tokens_per_expert_E, x_ND.shape[0], backend, x_ND, widths)
 
 
 def core_plus_low_rank(

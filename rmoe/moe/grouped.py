@@ -3,8 +3,10 @@
 A layout decides how the N grouped rows meet the stacked expert weights `w_EIO`:
 - `PaddedLayout`: rows scattered into a zero-padded [E, C, I] buffer, one batched GEMM (any device,
   any dtype; C = the largest group, so padding costs FLOPs only under imbalance);
-- `RaggedLayout`: torch's grouped GEMM (`torch.nn.functional.grouped_mm`) on the ragged rows, no
-  padding; torch offers it for bf16 (CUDA, and CPU);
+- `RaggedLayout`: torch's grouped GEMM (`torch.nn.functional.grouped_mm`) on the ragged rows; torch
+  offers it for bf16 (CUDA, and CPU). Each expert's group is padded to a multiple of
+  `GROUPED_MM_ALIGNMENT` rows on the device (no host sync: the buffer has a static upper bound), because
+  the weight-gradient GEMM contracts over the rows and its CUDA kernels want 16-byte aligned groups;
 - `LoopLayout`: one GEMM per expert (a Python loop over E): the reference, not for production.
 """
 
@@ -59,21 +61,44 @@ class PaddedLayout(GroupedLayout):
         return torch.baddbmm(b_EO.to(x.dtype).unsqueeze(1), x, w_EIO)
 
 
+GROUPED_MM_ALIGNMENT = 8  # rows: 16 bytes of bf16, what the grouped GEMM's kernels align groups to
+
+
 class RaggedLayout(GroupedLayout):
-    def __init__(self, counts_E: torch.Tensor, num_rows: int, dtype: torch.dtype) -> None:
-        self.offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
-        self.gid_N = group_ids(counts_E, num_rows)
+    """Rows scattered into groups padded to `alignment` rows (P = N + E·(alignment − 1) rows in all: a bound
+    known on the host, so nothing waits for the counts); zero rows pad each group. The grouped GEMM leaves
+    the rows past the last group's end (and their gradients) uninitialised: every output is masked there,
+    so neither the forward nor the backward ever reads them."""
+
+    def __init__(
+        self, counts_E: torch.Tensor, num_rows: int, dtype: torch.dtype, alignment: int = GROUPED_MM_ALIGNMENT
+    ) -> None:
+        E = counts_E.numel()
+        padded_E = (counts_E + alignment - 1) // alignment * alignment
+        ends_E = torch.cumsum(padded_E, 0)
+        self.offsets_E = ends_E.to(torch.int32)
+        gid_N = group_ids(counts_E, num_rows)
+        shift_E = (ends_E - padded_E) - (torch.cumsum(counts_E, 0) - counts_E)  # padded start - packed start
+        self.dest_N = torch.arange(num_rows, device=counts_E.device) + shift_E[gid_N]
+        self.num_padded = num_rows + E * (alignment - 1)
+        self.gid_P = torch.zeros(self.num_padded, dtype=gid_N.dtype, device=gid_N.device).index_copy(
+            0, self.dest_N, gid_N
+        )
+        self.in_groups_P1 = (torch.arange(self.num_padded, device=counts_E.device) < ends_E[-1:]).unsqueeze(1)
         self.dtype = dtype
 
     def pack(self, x_NI: torch.Tensor) -> torch.Tensor:
-        return x_NI.to(self.dtype)
+        out = x_NI.new_zeros(self.num_padded, x_NI.shape[-1], dtype=self.dtype)
+        return out.index_copy(0, self.dest_N, x_NI.to(self.dtype))
 
     def unpack(self, y: torch.Tensor) -> torch.Tensor:
-        return y
+        return y.index_select(0, self.dest_N)
 
     def linear(self, x, w_EIO, b_EO):  # type: ignore[override]
         y = torch.nn.functional.grouped_mm(x, w_EIO.to(self.dtype), offs=self.offsets_E)
-        return y if b_EO is None else y + b_EO.to(self.dtype)[self.gid_N]
+        if b_EO is not None:
+            y = y + b_EO.to(self.dtype)[self.gid_P]
+        return torch.where(self.in_groups_P1, y, 0.0)
 
 
 class LoopLayout(GroupedLayout):
@@ -105,14 +130,28 @@ def grouped_mm_dtype(x: torch.Tensor) -> torch.dtype | None:
     return dtype if dtype == torch.bfloat16 else None
 
 
-def make_layout(counts_E: torch.Tensor, num_rows: int, backend: ExpertBackend, x: torch.Tensor) -> GroupedLayout:
+def grouped_mm_fits(widths: tuple[int, ...]) -> bool:
+    """Whether every operand width is a multiple of 16 bytes of bf16: the grouped GEMM's stride rule."""
+    return all(width % GROUPED_MM_ALIGNMENT == 0 for width in widths)
+
+
+def make_layout(
+    counts_E: torch.Tensor, num_rows: int, backend: ExpertBackend, x: torch.Tensor, widths: tuple[int, ...]
+) -> GroupedLayout:
+    """The layout of GEMMs whose operands have `widths` (input, hidden, output, rank …) for `backend`:
+    `auto` takes the grouped GEMM on CUDA in bf16 where the widths allow it, else the padded batch GEMM."""
     if backend == "loop":
         return LoopLayout(counts_E)
     ragged_dtype = grouped_mm_dtype(x)
     if backend == "grouped_mm":
         if ragged_dtype is None:
             raise ValueError("expert_backend='grouped_mm' needs bfloat16 inputs or bf16 autocast")
+        if not grouped_mm_fits(widths):
+            raise ValueError(
+                f"expert_backend='grouped_mm' needs widths that are multiples of {GROUPED_MM_ALIGNMENT} "
+                f"(16 bytes of bf16), got {list(widths)}"
+            )
         return RaggedLayout(counts_E, num_rows, ragged_dtype)
-    if backend == "auto" and ragged_dtype is not None and x.device.type == "cuda":
+    if backend == "auto" and ragged_dtype is not None and x.device.type == "cuda" and grouped_mm_fits(widths):
         return RaggedLayout(counts_E, num_rows, ragged_dtype)
     return PaddedLayout(counts_E, num_rows)

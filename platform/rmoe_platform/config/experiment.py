@@ -11,7 +11,14 @@ from typing import Any, TypeVar
 from rmoe import MoEConfig
 from rmoe_platform import storage
 from rmoe_platform.config.fields import apply_override, check, from_dict, load_yaml
-from rmoe_platform.config.stage import BudgetConfig, DataSpec, HeadConfig, OptimConfig, ScalingSpec
+from rmoe_platform.config.stage import (
+    BudgetConfig,
+    DataSpec,
+    HeadConfig,
+    OptimConfig,
+    ScalingSpec,
+    check_precision,
+)
 from rmoe_platform.names import METRIC_NAMES, PIPELINES, TASKS
 from rmoe_platform.storage.s3 import S3Options
 
@@ -28,10 +35,15 @@ class PhaseConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     evaluate_at_start: bool = False  # also validate before the first step (initial/val_* metrics)
     batch_size: int | None = None  # this phase's global batch (default: the experiment's batch_size)
+    precision: str | None = None  # this phase's training precision (default: the experiment's precision)
+    compile: bool = False  # torch.compile the dense parts of this phase's models
 
     def __post_init__(self) -> None:
         check(self.task in TASKS, f"task: unknown task {self.task!r} (use {', '.join(TASKS)})")
         check(self.batch_size is None or self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        if self.precision is not None:
+            check_precision(self.precision)
+        check(isinstance(self.compile, bool), f"compile must be true or false, got {self.compile!r}")
 
 
 Phase = TypeVar("Phase", bound=PhaseConfig)
@@ -147,9 +159,11 @@ class ExperimentConfig:
     s3: S3Options = field(default_factory=S3Options)
     prices: dict[str, float] = field(default_factory=lambda: {"cpu": 0.05, "gpu": 2.5})
     seed: int = 0
+    precision: str = "auto"  # every phase's training precision unless the phase sets its own (PRECISIONS)
 
     def __post_init__(self) -> None:
         check(bool(self.name) and "/" not in self.name, f"name must be non-empty without '/', got {self.name!r}")
+        check_precision(self.precision)
         check(len(self.pipelines) > 0, "pipelines must name at least one pipeline")
         for pipeline in self.pipelines:
             check(pipeline in PIPELINES, f"pipelines: unknown pipeline {pipeline!r} (known: {', '.join(PIPELINES)})")

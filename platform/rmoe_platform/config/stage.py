@@ -22,6 +22,13 @@ if TYPE_CHECKING:
 
 TRAINABLE_GROUPS = ("all", "residual", "router", "experts", "core", "moe", "head", "non_moe")
 NORMS = ("BN", "SyncBN", "GN")
+# Training precision: `auto` is bf16 autocast on CUDA devices that support it and fp32 elsewhere; `fp16`
+# trains with a gradient scaler. Master weights, the router and checkpoints stay fp32 in every mode.
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def check_precision(value: object) -> None:
+    check(value in PRECISIONS, f"precision: unknown {value!r} (use {', '.join(PRECISIONS)})")
 
 
 @dataclass(frozen=True)
@@ -235,6 +242,8 @@ class StageConfig:
     log_every: int = 10
     max_failures: int = 0
     evaluate_at_start: bool = False  # validate before the first step too (reported as initial/val_*)
+    precision: str = "auto"  # one of PRECISIONS
+    compile: bool = False  # torch.compile the model's dense parts (attention, dense MLPs)
     fault_injection: FaultInjection | None = None
 
     def __post_init__(self) -> None:
@@ -253,6 +262,13 @@ class StageConfig:
         )
         check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
         check(bool(self.storage), "storage must be a local path or s3://bucket/prefix")
+        check_precision(self.precision)
+        check(isinstance(self.compile, bool), f"compile must be true or false, got {self.compile!r}")
+
+    @property
+    def computes_in_fp32(self) -> bool:
+        """Whether the stage's arithmetic is fp32 whatever device it lands on (`auto` on CPU workers)."""
+        return self.precision == "fp32" or (self.precision == "auto" and not self.scaling.use_gpu)
 
     @property
     def local_batch_size(self) -> int:
@@ -281,6 +297,7 @@ class StageConfig:
 
 
 __all__ = [
+    "PRECISIONS",
     "BudgetConfig",
     "CheckpointSpec",
     "ConfigError",

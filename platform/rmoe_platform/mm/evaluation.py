@@ -1,10 +1,11 @@
 """Validation metrics of dense-prediction stages with OpenMMLab's own metrics, across Ray Train workers.
 
 Segmentation: mmseg's `IoUMetric`; each worker sums its per-image areas (intersection, union,
-prediction, label: plain sums), the sums are all-reduced and the metric computed from them.
-Detection: mmdet's `CocoMetric` (bbox and segm AP, ground truth from the samples' original
+prediction, label: plain sums) on the device, the sums are all-reduced once and the metric computed
+from them. Detection: mmdet's `CocoMetric` (bbox and segm AP, ground truth from the samples' original
 annotations); COCO AP is not a sum, so per-image results are gathered to every rank and evaluated there.
-Metrics are fractions in [0, 1] (mmseg reports percentages; they are divided by 100).
+Metrics are fractions in [0, 1] (mmseg reports percentages; they are divided by 100). `compute(count)`
+also returns the image count over all workers (`count`: this worker's), reduced with the metric.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from mmdet.evaluation.metrics import CocoMetric
 from mmengine.logging import MMLogger
 from mmseg.evaluation.metrics import IoUMetric
+
+from rmoe_platform.stage.worker import collectives
 
 
 class SegmentationEvaluator:
@@ -31,23 +33,26 @@ class SegmentationEvaluator:
     def __init__(self, classes: Sequence[str]) -> None:
         self.metric = IoUMetric(iou_metrics=["mIoU"])
         self.metric.dataset_meta = {"classes": list(classes)}
-        self.areas = torch.zeros(4, len(classes), dtype=torch.float64)
+        self.num_classes = len(classes)
+        self.areas: torch.Tensor | None = None  # [4, classes] float64, on the predictions' device
 
     def process(self, data_samples: Sequence[Any]) -> None:
         """Samples carrying `pred_sem_seg` and `gt_sem_seg` (at the original size)."""
         self.metric.results.clear()
         self.metric.process({}, [sample.to_dict() for sample in data_samples])
         for result in self.metric.results:
-            self.areas += torch.stack([area.to(torch.float64).cpu() for area in result])
+            areas = torch.stack([area.to(torch.float64) for area in result])
+            self.areas = areas if self.areas is None else self.areas + areas
         self.metric.results.clear()
 
-    def compute(self) -> dict[str, float]:
-        areas = self.areas.clone()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(areas)
+    def compute(self, count: int) -> tuple[dict[str, float], int]:
+        areas = self.areas if self.areas is not None else torch.zeros(4, self.num_classes, dtype=torch.float64)
+        flat = torch.cat([areas.reshape(-1), areas.new_tensor([float(count)])])
+        flat = collectives.all_reduce(flat).cpu()
+        areas, total = flat[:-1].view(4, self.num_classes), int(flat[-1])
         with _quiet():
             metrics = self.metric.compute_metrics([tuple(areas)])
-        return {name: float(metrics[name]) / 100.0 for name in ("mIoU", "mAcc", "aAcc")}
+        return {name: float(metrics[name]) / 100.0 for name in ("mIoU", "mAcc", "aAcc")}, total
 
 
 class DetectionEvaluator:
@@ -66,18 +71,16 @@ class DetectionEvaluator:
         metric.process({}, [sample.to_dict() for sample in data_samples])
         self.results.extend(metric.results)
 
-    def compute(self) -> dict[str, float]:
-        results = self.results
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
-            dist.all_gather_object(gathered, results)
-            results = [item for part in gathered for item in part]
+    def compute(self, count: int) -> tuple[dict[str, float], int]:
+        gathered = collectives.all_gather_objects((count, self.results))
+        total = sum(part[0] for part in gathered)
+        results = [item for part in gathered for item in part[1]]
         if not results:
-            return dict.fromkeys(self.keys, 0.0)
+            return dict.fromkeys(self.keys, 0.0), total
         with tempfile.TemporaryDirectory() as tmp, _quiet():
             metrics = self._metric(f"{tmp}/coco").compute_metrics(results)
         # an empty prediction set makes CocoMetric skip the metric: that is AP 0
-        return {key: max(float(metrics.get(key, 0.0)), 0.0) for key in self.keys}
+        return {key: max(float(metrics.get(key, 0.0)), 0.0) for key in self.keys}, total
 
     def _metric(self, outfile_prefix: str | None) -> CocoMetric:
         metric = CocoMetric(metric=["bbox", "segm"], outfile_prefix=outfile_prefix)

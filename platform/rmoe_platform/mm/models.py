@@ -3,10 +3,17 @@
 `RMoEEncoderDecoder` (mmseg) and `RMoEMaskRCNN` (mmdet) are the stock `EncoderDecoder` and `MaskRCNN`
 whose `loss()` also returns `loss_moe_aux`: the load-balance losses of this forward's MoE layers
 (mmengine sums every `loss*` entry into the total). With a dense backbone it is zero.
+
+Under mixed precision Mask R-CNN keeps its heads in fp32 (`FP32HeadsMixin`): the backbone and the FPN run
+in the stage's precision, and what follows them (anchors, box regression and assignment, NMS, RoIAlign)
+does not, because anchors and boxes in bf16 are quantised to 8 px at a 1333 px image side, and mmcv's NMS
+and RoIAlign kernels take fp32 only. UperNet's heads are plain convolutions and run in bf16.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -37,12 +44,48 @@ class MoEAuxLossMixin:
         return losses
 
 
+class FP32HeadsMixin:
+    """`loss` and `predict` with autocast off, except inside `extract_feat` (backbone and neck), which runs
+    in the caller's autocast and hands fp32 features to the heads."""
+
+    _feature_autocast: tuple[str, torch.dtype] | None = None
+
+    @contextlib.contextmanager
+    def _heads_in_fp32(self, inputs: torch.Tensor) -> Iterator[None]:
+        device_type = inputs.device.type
+        if not torch.is_autocast_enabled(device_type):
+            yield
+            return
+        self._feature_autocast = (device_type, torch.get_autocast_dtype(device_type))
+        try:
+            with torch.autocast(device_type=device_type, enabled=False):
+                yield
+        finally:
+            self._feature_autocast = None
+
+    def loss(self, inputs: torch.Tensor, data_samples: Any) -> dict[str, Any]:
+        with self._heads_in_fp32(inputs):
+            return super().loss(inputs, data_samples)  # type: ignore[misc]
+
+    def predict(self, inputs: torch.Tensor, data_samples: Any, rescale: bool = True) -> Any:
+        with self._heads_in_fp32(inputs):
+            return super().predict(inputs, data_samples, rescale=rescale)  # type: ignore[misc]
+
+    def extract_feat(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self._feature_autocast is None:
+            return super().extract_feat(inputs)  # type: ignore[misc]
+        device_type, dtype = self._feature_autocast
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            features = super().extract_feat(inputs)  # type: ignore[misc]
+        return tuple(f.float() for f in features)
+
+
 class RMoEEncoderDecoder(MoEAuxLossMixin, EncoderDecoder):
     """mmseg's EncoderDecoder (e.g. UperNet) with the MoE aux loss."""
 
 
-class RMoEMaskRCNN(MoEAuxLossMixin, MaskRCNN):
-    """mmdet's Mask R-CNN with the MoE aux loss."""
+class RMoEMaskRCNN(MoEAuxLossMixin, FP32HeadsMixin, MaskRCNN):
+    """mmdet's Mask R-CNN with the MoE aux loss, its heads in fp32 under mixed precision."""
 
 
 MMSEG_MODELS.register_module(module=RMoEEncoderDecoder, force=True)

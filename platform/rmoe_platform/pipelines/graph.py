@@ -67,9 +67,17 @@ class StageNode:
 
 
 def stage_hash(config: StageConfig, parent_hash: str | None) -> str:
-    """Content hash of what the stage computes: its config (minus run-time fields) and its parent."""
+    """Content hash of what the stage computes: its config (minus run-time fields) and its parent.
+
+    `precision` and `compile` came after stages were first cached: they enter the hash only where they
+    change the arithmetic from what every stage computed before they existed (fp32, eager), so a cached
+    CPU stage keeps its hash."""
     data = {k: v for k, v in config.to_dict().items() if k not in _HASH_EXCLUDED}
     data["model"] = {k: v for k, v in data["model"].items() if k != "parent_checkpoint"}
+    if config.computes_in_fp32:
+        del data["precision"]
+    if not config.compile:
+        del data["compile"]
     payload = json.dumps({"stage": data, "parent": parent_hash}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -221,4 +229,6 @@ def _stage(
         s3=exp.s3,
         seed=exp.seed,
         evaluate_at_start=phase.evaluate_at_start,
+        precision=phase.precision or exp.precision,
+        compile=phase.compile,
     )

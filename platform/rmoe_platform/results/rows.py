@@ -85,7 +85,7 @@ def stage_row(
         "device_kind": config.scaling.device_kind,
         "num_workers": config.scaling.num_workers,
         "wall_seconds": result.cost.wall_seconds if result else None,
-        "telemetry": {k: v for k, v in metrics.items() if k.startswith("moe/")},
+        "telemetry": {k: v for k, v in metrics.items() if k.startswith("moe/") or k == "precision"},
         "history": metrics.get("history"),
         "config": {"imported": core.describe(), "model": config.to_dict()["model"]} if core else config.to_dict(),
         "checkpoint_uri": outcome.checkpoint_uri,

@@ -66,7 +66,7 @@ SCHEMA = pa.schema(
         ("marginal_flops", pa.float64()),
         ("marginal_device_seconds", pa.float64()),
         ("marginal_dollars", pa.float64()),
-        ("telemetry", pa.string()),  # JSON: MoE load, drop fraction, entropy, residual norms
+        ("telemetry", pa.string()),  # JSON: the precision it ran in; MoE load, drop fraction, entropy, residual norms
         ("history", pa.string()),  # JSON list: the stage's training reports over time (loss, lr, val_*, moe/*)
         ("params", pa.string()),  # JSON: a sweep trial's sampled setting (name -> value)
         ("config", pa.string()),  # JSON of the stage or experiment config

@@ -32,6 +32,9 @@ class StageTask(ABC):
 
     name: str
     metric_name: str  # the validation metric reported as `val_metric` (higher is better)
+    # Whether a training step may leave some trainable parameters without a gradient (data-parallel
+    # training must then look for them: DDP's find_unused_parameters).
+    may_skip_parameters: bool = False
 
     def __init__(self, facts: DataFacts) -> None:
         self.facts = facts
@@ -55,14 +58,18 @@ class StageTask(ABC):
     def collate_fn(self, split: str) -> Callable[[dict[str, Any]], Any] | None:
         """`iter_torch_batches` collate function for the split (None: Ray's default)."""
 
+    def prepare_for_device(self, model: nn.Module, device: torch.device) -> None:  # noqa: B027 (optional hook)
+        """Adjust the model once it is on its training device (default: nothing)."""
+
     @abstractmethod
-    def step(self, model: nn.Module, batch: Any, device: torch.device) -> StepOutput:
-        """Forward one training batch (model in train mode)."""
+    def step(self, model: nn.Module, batch: Any, device: torch.device, *, call: nn.Module | None = None) -> StepOutput:
+        """Forward one training batch (model in train mode). `call` is what runs the forward (the
+        data-parallel wrapper of `model`; default `model` itself); `model` is read for everything else."""
 
     @abstractmethod
     def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
-        """Validation metrics over this worker's batches, combined across workers; includes
-        `val_metric` (the value of `metric_name`) and `val_samples`."""
+        """Validation metrics over this worker's batches, combined across workers (accumulated on the
+        device, reduced once); includes `val_metric` (the value of `metric_name`) and `val_samples`."""
 
     @abstractmethod
     def train_flops_per_sample(self, model: nn.Module, config: StageConfig) -> float:

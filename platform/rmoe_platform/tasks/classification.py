@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import rmoe
 from rmoe import ModelSpec
 from rmoe import cost as rmoe_cost
 from rmoe_platform.config.stage import StageConfig
+from rmoe_platform.stage.worker import collectives
 from rmoe_platform.stage.worker.model import build_stage_model
 from rmoe_platform.tasks.base import DataFacts, StageTask, StepOutput
 from rmoe_platform.tasks.normalizer import Normalizer
@@ -49,32 +49,25 @@ class ClassificationTask(StageTask):
             self.normalize = Normalizer(*self.facts.image_stats, device)
         return self.normalize(batch["image"]), batch["label"].to(device, torch.long)
 
-    def step(self, model: nn.Module, batch: Any, device: torch.device) -> StepOutput:
+    def step(self, model: nn.Module, batch: Any, device: torch.device, *, call: nn.Module | None = None) -> StepOutput:
         images, labels = self._tensors(batch, device)
-        logits, aux = rmoe.forward_with_aux(model, images)
-        return StepOutput(nn.functional.cross_entropy(logits, labels), aux)
+        logits, aux = rmoe.forward_with_aux(call or model, images)
+        return StepOutput(nn.functional.cross_entropy(logits.float(), labels), aux)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
-        totals = torch.zeros(3, dtype=torch.float64)
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
         for batch in batches:
             images, labels = self._tensors(batch, device)
-            logits = model(images)
+            logits = model(images).float()
             rmoe.collect_moe_aux(model)
-            totals += torch.tensor(
-                [
-                    float(nn.functional.cross_entropy(logits, labels, reduction="sum")),
-                    float((logits.argmax(-1) == labels).sum()),
-                    float(len(labels)),
-                ],
-                dtype=torch.float64,
-            )
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(totals)
-        count = max(totals[2].item(), 1.0)
-        accuracy = totals[1].item() / count
-        loss = totals[0].item() / count
-        return {"val_loss": loss, "val_accuracy": accuracy, "val_metric": accuracy, "val_samples": count}
+            totals[0] += nn.functional.cross_entropy(logits, labels, reduction="sum")
+            totals[1] += (logits.argmax(-1) == labels).sum()
+            totals[2] += len(labels)
+        loss_sum, correct, count = collectives.all_reduce(totals).tolist()
+        count = max(count, 1.0)
+        accuracy = correct / count
+        return {"val_loss": loss_sum / count, "val_accuracy": accuracy, "val_metric": accuracy, "val_samples": count}
 
     def train_flops_per_sample(self, model: nn.Module, config: StageConfig) -> float:
         breakdown = rmoe_cost.flops_per_image(model)

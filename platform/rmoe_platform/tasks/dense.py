@@ -37,6 +37,7 @@ class DenseTask(StageTask):
     """An mm model (built by `build_dense_model` for `name`) trained and evaluated on the stage's data."""
 
     evaluator_type: type[SegmentationEvaluator] | type[DetectionEvaluator]
+    may_skip_parameters = True  # e.g. a mask head in a step whose RoIs hold no positive sample
 
     @property
     def metric_name(self) -> str:  # type: ignore[override]
@@ -94,20 +95,24 @@ class DenseTask(StageTask):
         }
 
     # ---- training and evaluation ----
-    def step(self, model: nn.Module, batch: Any, device: torch.device) -> StepOutput:
+    def prepare_for_device(self, model: nn.Module, device: torch.device) -> None:
+        """The data preprocessor copies the images to a GPU without blocking the host."""
+        model.data_preprocessor._non_blocking = device.type == "cuda"
+
+    def step(self, model: nn.Module, batch: Any, device: torch.device, *, call: nn.Module | None = None) -> StepOutput:
         with mm_scope(self.name):
             data = model.data_preprocessor(self.inputs(batch), True)
-            losses = model.loss(data["inputs"], data["data_samples"])
+            losses = (call or model)(data["inputs"], data["data_samples"], mode="loss")
         aux = model.last_moe_aux
         losses.pop(AUX_LOSS_KEY)  # the train loop adds aux.loss itself, as for classification
         task_loss, log_vars = model.parse_losses(losses)
-        components = {f"loss/{k}": float(v) for k, v in log_vars.items() if k != "loss"}
+        components = {f"loss/{k}": v.detach() for k, v in log_vars.items() if k != "loss"}
         return StepOutput(task_loss, aux, components)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
         evaluator = self.evaluator_type(self.facts.classes)
-        count = torch.zeros((), dtype=torch.float64)
+        count = 0
         for batch in batches:
             with mm_scope(self.name):
                 data = model.data_preprocessor(self.inputs(batch), False)
@@ -115,11 +120,9 @@ class DenseTask(StageTask):
             rmoe.collect_moe_aux(model)
             evaluator.process(outputs)
             count += len(outputs)
-        metrics = evaluator.compute()
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(count)
+        metrics, total = evaluator.compute(count)
         out = {f"val_{name}": value for name, value in metrics.items()}
-        out.update(val_metric=metrics[self.metric_name], val_samples=float(count))
+        out.update(val_metric=metrics[self.metric_name], val_samples=float(total))
         return out
 
     # ---- cost ----

@@ -12,17 +12,20 @@ from typing import Any
 
 import ray.train
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import rmoe
 from rmoe import ModelSpec
+from rmoe.telemetry import MoEAuxSummary
 from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.stage.payload import WorkerPayload
+from rmoe_platform.stage.worker import collectives
 from rmoe_platform.stage.worker.checkpoints import TrainProgress, restore_training_state, save_training_checkpoint
+from rmoe_platform.stage.worker.compile import compile_dense_parts
 from rmoe_platform.stage.worker.expert_parallel import ExpertParallelPlan, parallelize
 from rmoe_platform.stage.worker.history import record_history
 from rmoe_platform.stage.worker.optim import build_optimizer, build_schedule
+from rmoe_platform.stage.worker.precision import Precision
 from rmoe_platform.stage.worker.trainable import apply_trainable
 from rmoe_platform.storage import download
 from rmoe_platform.storage.s3 import S3Access
@@ -34,15 +37,28 @@ class WorkerContext:
     config: StageConfig
     total_steps: int
     task: StageTask
-    model: nn.Module
+    model: nn.Module  # the single-device model (expert shards in place); `plan.module` is what a step calls
     spec: ModelSpec
     plan: ExpertParallelPlan
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     device: torch.device
+    precision: Precision
+    scaler: torch.amp.GradScaler | None
     rank: int
     world: int
     initial: dict[str, float] = field(default_factory=dict)  # validation before training, if asked
+
+
+@dataclass
+class StepStats:
+    """One step's numbers, left on the device: they are read (and averaged over workers) only when reported,
+    so the training loop never waits for the device."""
+
+    losses: torch.Tensor  # [loss, task_loss, aux_loss], float32
+    grad_norm: torch.Tensor
+    components: dict[str, torch.Tensor]
+    aux: MoEAuxSummary
 
 
 def train_stage_worker(loop_config: dict[str, Any]) -> None:
@@ -57,7 +73,7 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
         progress, resumed_from = _resume(ctx, resume_dir)
     train_shard = ray.train.get_dataset_shard("train")
     started = time.perf_counter()
-    last: dict[str, float] = {}
+    last: StepStats | None = None
     if config.evaluate_at_start and progress.step == 0:
         ctx.initial = {f"initial/{name}": value for name, value in validate(ctx).items()}
     shuffle_buffer = config.data.shuffle_buffer
@@ -71,6 +87,7 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
             collate_fn=ctx.task.collate_fn("train"),
             local_shuffle_buffer_size=shuffle_buffer or None,
             local_shuffle_seed=config.seed * 100_003 + progress.epoch if shuffle_buffer else None,
+            pin_memory=ctx.device.type == "cuda",
         )
         for batch in batches:
             if progress.step >= total_steps:
@@ -110,6 +127,7 @@ def _setup(payload: WorkerPayload, resume_dir: Path | None) -> WorkerContext:
     config, total_steps = payload.config, payload.total_steps
     torch.manual_seed(config.seed)
     device = ray.train.torch.get_device() if config.scaling.use_gpu else torch.device("cpu")
+    precision = Precision.of(config.precision, device)
     task = task_for(config.task, payload.facts)
     parent_uri = payload.parent_checkpoint
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,12 +136,27 @@ def _setup(payload: WorkerPayload, resume_dir: Path | None) -> WorkerContext:
     moe = spec.moe
     apply_trainable(model, config.trainable, freeze_core=moe.freeze_core if moe else True)
     model.to(device)
-    plan = parallelize(model, config.scaling.expert_parallel_size)
+    task.prepare_for_device(model, device)
+    if config.compile:
+        compile_dense_parts(model)
+    plan = parallelize(model, config.scaling.expert_parallel_size, find_unused_parameters=task.may_skip_parameters)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_schedule(optimizer, config.optim, total_steps)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return WorkerContext(config, total_steps, task, model, spec, plan, optimizer, scheduler, device, rank, world)
+    return WorkerContext(
+        config,
+        total_steps,
+        task,
+        model,
+        spec,
+        plan,
+        optimizer,
+        scheduler,
+        device,
+        precision,
+        precision.grad_scaler(),
+        collectives.rank(),
+        collectives.world_size(),
+    )
 
 
 def _resume(ctx: WorkerContext, resume_dir: Path | None) -> tuple[TrainProgress, int | None]:
@@ -133,25 +166,40 @@ def _resume(ctx: WorkerContext, resume_dir: Path | None) -> tuple[TrainProgress,
     return progress, progress.step
 
 
-def _train_step(ctx: WorkerContext, batch: Any) -> dict[str, float]:
+def _train_step(ctx: WorkerContext, batch: Any) -> StepStats:
+    """Forward under the stage's autocast, backward (DDP syncs the replicated gradients as it goes), expert
+    gradients, clipping by the global norm, optimizer and schedule: no host sync."""
     ctx.model.train()
-    out = ctx.task.step(ctx.model, batch, ctx.device)
-    loss = out.task_loss + out.aux.loss
+    with ctx.precision.autocast():
+        out = ctx.task.step(ctx.model, batch, ctx.device, call=ctx.plan.module)
+        loss = out.task_loss + out.aux.loss
     ctx.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    ctx.plan.sync_gradients()
+    (ctx.scaler.scale(loss) if ctx.scaler is not None else loss).backward()
+    ctx.plan.sync_expert_gradients()
+    if ctx.scaler is not None:
+        ctx.scaler.unscale_(ctx.optimizer)
     grad_norm = ctx.plan.clip_grad_norm_(ctx.config.optim.grad_clip or float("inf"))
-    ctx.optimizer.step()
+    if ctx.scaler is not None:
+        ctx.scaler.step(ctx.optimizer)  # skipped (on every worker) when a gradient overflowed
+        ctx.scaler.update()
+    else:
+        ctx.optimizer.step()
     ctx.scheduler.step()
-    stats = torch.stack([loss.detach(), out.task_loss.detach(), out.aux.loss.detach().reshape(())]).to(torch.float32)
-    if ctx.world > 1:
-        dist.all_reduce(stats)
-        stats /= ctx.world
-    metrics = {"loss": float(stats[0]), "task_loss": float(stats[1]), "aux_loss": float(stats[2])}
-    metrics.update(out.components)
+    losses = torch.stack([loss.detach(), out.task_loss.detach(), out.aux.loss.detach().reshape(())]).float()
+    return StepStats(losses, grad_norm.detach(), out.components, out.aux)
+
+
+def _step_metrics(ctx: WorkerContext, last: StepStats | None) -> dict[str, float]:
+    """The latest step's numbers as floats, its losses averaged over the workers (a collective: every
+    worker reports together)."""
+    if last is None:
+        return {}
+    losses = collectives.all_reduce(last.losses, op="avg").tolist()
+    metrics = {"loss": losses[0], "task_loss": losses[1], "aux_loss": losses[2]}
+    metrics.update({name: float(value) for name, value in last.components.items()})
     metrics["lr"] = ctx.scheduler.get_last_lr()[0]
-    metrics["grad_norm"] = grad_norm
-    metrics.update({f"moe/{k}": v for k, v in out.aux.telemetry().items()})
+    metrics["grad_norm"] = float(last.grad_norm)
+    metrics.update({f"moe/{k}": v for k, v in last.aux.telemetry().items()})
     return metrics
 
 
@@ -159,9 +207,12 @@ def validate(ctx: WorkerContext) -> dict[str, float]:
     """The task's validation metrics over this worker's (unshuffled) shard, combined over workers."""
     ctx.model.eval()
     batches = ray.train.get_dataset_shard("val").iter_torch_batches(
-        batch_size=ctx.config.local_batch_size, collate_fn=ctx.task.collate_fn("val")
+        batch_size=ctx.config.local_batch_size,
+        collate_fn=ctx.task.collate_fn("val"),
+        pin_memory=ctx.device.type == "cuda",
     )
-    return ctx.task.evaluate(ctx.model, batches, ctx.device)
+    with ctx.precision.autocast():
+        return ctx.task.evaluate(ctx.model, batches, ctx.device)
 
 
 def residual_telemetry(ctx: WorkerContext) -> dict[str, float]:
@@ -177,7 +228,7 @@ def residual_telemetry(ctx: WorkerContext) -> dict[str, float]:
 def _report(
     ctx: WorkerContext,
     progress: TrainProgress,
-    last: dict[str, float],
+    last: StepStats | None,
     resumed_from: int | None,
     started: float,
     *,
@@ -186,11 +237,12 @@ def _report(
     final: bool = False,
 ) -> None:
     """Every worker reports (a Ray Train sync point); rank 0 attaches the checkpoint."""
-    metrics: dict[str, Any] = {**ctx.initial, **last}
+    metrics: dict[str, Any] = {**ctx.initial, **_step_metrics(ctx, last)}
     metrics.update({"step": progress.step, "epoch": progress.epoch, "samples": progress.samples})
     metrics.update(
         {"resumed_from_step": -1 if resumed_from is None else resumed_from, "final": final, "world_size": ctx.world}
     )
+    metrics["precision"] = ctx.precision.name
     metrics["train_seconds"] = time.perf_counter() - started
     if evaluate:
         metrics.update(validate(ctx))
