@@ -6,6 +6,8 @@ per stage, the precision it ran in, the first and last training loss, the valida
 time; exits 1 if a stage fails or a loss is not finite, and without a CUDA device.
 
     .venv/bin/python benchmarks/gpu_stages.py [--steps 12]
+    .venv/bin/python benchmarks/gpu_stages.py --cpu --steps 2    # the same stages on CPU workers (bf16
+                                                                 # autocast): a dry run of this script
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ TASKS: dict[str, dict[str, Any]] = {
 }
 
 
-def stage_config(task: str, root: Path, steps: int) -> StageConfig:
+def stage_config(task: str, root: Path, steps: int, use_gpu: bool) -> StageConfig:
     spec = TASKS[task]
     return StageConfig.from_dict(
         {
@@ -55,7 +57,7 @@ def stage_config(task: str, root: Path, steps: int) -> StageConfig:
             "batch_size": 32,
             "log_every": 1,
             "precision": "bf16",
-            "scaling": {"num_workers": 1, "use_gpu": True},
+            "scaling": {"num_workers": 1, "use_gpu": use_gpu},
             "checkpoint": {"every_n_steps": None, "every_n_epochs": None},
             "storage": str(root / "runs"),
             "data": {"uri": str(root / "data" / task), "generate": spec["generate"]},
@@ -63,9 +65,9 @@ def stage_config(task: str, root: Path, steps: int) -> StageConfig:
     )
 
 
-def run(task: str, root: Path, steps: int) -> bool:
+def run(task: str, root: Path, steps: int, use_gpu: bool) -> bool:
     started = time.perf_counter()
-    result = run_stage(stage_config(task, root, steps))
+    result = run_stage(stage_config(task, root, steps, use_gpu))
     wall = time.perf_counter() - started
     losses = [record["loss"] for record in result.metrics.get("history", []) if "loss" in record]
     ok = bool(losses) and all(math.isfinite(loss) for loss in losses)
@@ -79,14 +81,15 @@ def run(task: str, root: Path, steps: int) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12, help="training steps per stage (default 12)")
+    parser.add_argument("--cpu", action="store_true", help="CPU workers instead (checks this script, not a GPU)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if not args.cpu and not torch.cuda.is_available():
         print("benchmarks/gpu_stages.py: no CUDA device here; the device check needs one GPU", file=sys.stderr)
         return 1
-    print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
+    print(f"torch {torch.__version__} on {'cpu' if args.cpu else torch.cuda.get_device_name()}")
     start_local(8, include_dashboard=False)
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run(task, Path(tmp), args.steps) for task in TASKS]
+        results = [run(task, Path(tmp), args.steps, not args.cpu) for task in TASKS]
     return 0 if all(results) else 1
 
 

@@ -31,16 +31,16 @@ def stage_config(tmp_path: Path, precision: str, **overrides: Any) -> StageConfi
         "name": f"p-{precision}",
         "storage": str(tmp_path / "runs"),
         "model": {"moe": {"num_experts": 4, "top_k": 2}},
-        "budget": {"steps": 8},
-        "batch_size": 32,
+        "budget": {"steps": 10},
+        "batch_size": 16,
         "log_every": 1,
         "precision": precision,
-        "optim": {"lr": 2e-3},
+        "optim": {"lr": 3e-3},
         "evaluate_at_start": True,
         "checkpoint": {"every_n_steps": None, "every_n_epochs": None},
         "data": {
             "uri": str(tmp_path / "data"),
-            "generate": {"num_train": 64, "num_val": 64, "num_classes": 4, "shard_rows": 32},
+            "generate": {"num_train": 64, "num_val": 32, "num_classes": 4, "shard_rows": 32},
             "augment": {"crop_scale": [1.0, 1.0], "crop_ratio": [1.0, 1.0], "hflip": False},
         },
     }
@@ -68,7 +68,7 @@ def test_a_stage_trains_in_bf16_and_starts_where_fp32_does(ray_local, tmp_path: 
 def test_fp16_with_the_gradient_scaler_trains_on_two_expert_parallel_workers(ray_local, tmp_path: Path) -> None:
     """Two workers, each holding half the experts: the scaler's overflow check is all-reduced, so both
     skip or take every step together (the checkpoint's gathered experts load into one model)."""
-    config = stage_config(tmp_path, "fp16", batch_size=32, scaling={"num_workers": 2, "expert_parallel_size": 2})
+    config = stage_config(tmp_path, "fp16", scaling={"num_workers": 2, "expert_parallel_size": 2})
     result = run_stage(config)
     assert result.metrics["precision"] == "fp16" and result.metrics["world_size"] == 2
     assert all(torch.isfinite(torch.tensor(losses(result))))
@@ -149,3 +149,35 @@ def test_compiled_dense_parts_compute_what_eager_does() -> None:
     torch.testing.assert_close(outputs[1], outputs[0], rtol=2e-2, atol=2e-2)
     assert ((grads[1] - grads[0]).norm() / grads[0].norm()) < 2e-2
     assert json.dumps(sorted(eager.state_dict())) == json.dumps(sorted(compiled.state_dict())), "same checkpoint"
+
+
+@pytest.mark.parametrize("task", ["segmentation", "detection"])
+def test_dense_prediction_trains_and_predicts_under_bf16_autocast(task: str) -> None:
+    """The backbone runs in bf16; Mask R-CNN's heads get fp32 features (anchors, boxes, NMS and RoIAlign in
+    fp32), UperNet's heads stay in bf16."""
+    from test_mm import nano_model, training_inputs
+
+    from rmoe_platform.mm.build import mm_scope
+
+    model = nano_model(task)
+    seen: dict[str, torch.dtype] = {}
+
+    def record(name: str, features: Any) -> None:  # a hook that returns None leaves the values alone
+        seen.setdefault(name, features[0].dtype)
+
+    model.backbone.register_forward_hook(lambda _m, _a, out: record("backbone", out))
+    head = model.rpn_head.rpn_conv if task == "detection" else model.decode_head.lateral_convs[0].conv
+    head.register_forward_pre_hook(lambda _m, args: record("head", args[0]))
+    autocast = Precision.of("bf16", torch.device("cpu")).autocast()
+    with autocast, mm_scope(task):
+        data = model.data_preprocessor(training_inputs(task), True)
+        losses = model.loss(data["inputs"], data["data_samples"])
+    total, _ = model.parse_losses(losses)
+    total.backward()
+    assert torch.isfinite(total)
+    assert seen == {"backbone": torch.bfloat16, "head": torch.float32 if task == "detection" else torch.bfloat16}
+    model.eval()
+    with torch.no_grad(), autocast, mm_scope(task):
+        data = model.data_preprocessor(training_inputs(task), False)
+        predictions = model.predict(data["inputs"], data["data_samples"])
+    assert len(predictions) == 2

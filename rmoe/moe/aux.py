@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rmoe.moe.config import AuxLossWeights
-from rmoe.moe.routing import Routing
+from rmoe.moe.routing import Routing, count_per_expert
 
 
 def cv_squared(importance_E: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ def switch_load_balance_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor
 
     Its minimum, 1, is reached by uniform routing; E when every token goes to one expert.
     """
-    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=probs_TE.shape[-1]).to(probs_TE.dtype)
+    counts_E = count_per_expert(expert_idx_TK, probs_TE.shape[-1], dtype=probs_TE.dtype)
     return switch_from_stats(probs_TE.sum(0), counts_E, torch.tensor(float(probs_TE.shape[0])))
 
 
@@ -77,8 +77,8 @@ def compute_aux(
     """Losses and telemetry from batch statistics, summed by `reduce` (identity on one device)."""
     E = routing.num_experts
     probs_TE = routing.probs_TE
-    routed_counts_E = torch.bincount(routing.expert_idx_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
-    kept_counts_E = torch.bincount(routing.expert_idx_TK[routing.kept_TK], minlength=E).to(probs_TE.dtype)
+    routed_counts_E = count_per_expert(routing.expert_idx_TK, E, dtype=probs_TE.dtype)
+    kept_counts_E = count_per_expert(routing.expert_idx_TK, E, weights=routing.kept_TK, dtype=probs_TE.dtype)
     with torch.no_grad():
         entropy_sum = -(probs_TE * probs_TE.clamp_min(1e-12).log()).sum()
     stats = torch.cat(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rmoe.moe.routing import Routing
+from rmoe.moe.routing import Routing, count_per_expert
 
 
 @dataclass
@@ -59,7 +59,7 @@ def sort_slots_by_expert(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         slot_ids = routing.kept_TK.reshape(-1).nonzero().squeeze(1)
         expert_of_slot = expert_of_slot[slot_ids]
     order = torch.argsort(expert_of_slot, stable=True)
-    counts_E = torch.bincount(expert_of_slot, minlength=routing.num_experts)
+    counts_E = count_per_expert(expert_of_slot, routing.num_experts)
     return slot_ids[order], counts_E
 
 

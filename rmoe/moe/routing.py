@@ -36,6 +36,16 @@ class Routing:
         return self.expert_idx_TK.shape[-1]
 
 
+def count_per_expert(
+    expert_idx: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """How many entries of `expert_idx` (any shape) name each expert, each counted with its weight (default
+    1). A scatter-add, not `torch.bincount`, which reads the largest index back to the host on CUDA."""
+    flat = expert_idx.reshape(-1)
+    ones = torch.ones_like(flat, dtype=dtype) if weights is None else weights.reshape(-1).to(dtype)
+    return torch.zeros(num_experts, dtype=dtype, device=flat.device).scatter_add_(0, flat, ones)
+
+
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
     """Slots per expert: ceil(capacity_factor · tokens · k / E), at least 1."""
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))

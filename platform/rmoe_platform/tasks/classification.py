@@ -47,7 +47,7 @@ class ClassificationTask(StageTask):
     def _tensors(self, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.normalize is None or self.normalize.scale.device != device:
             self.normalize = Normalizer(*self.facts.image_stats, device)
-        return self.normalize(batch["image"]), batch["label"].to(device, torch.long)
+        return self.normalize(batch["image"]), batch["label"].to(device, torch.long, non_blocking=True)
 
     def step(self, model: nn.Module, batch: Any, device: torch.device, *, call: nn.Module | None = None) -> StepOutput:
         images, labels = self._tensors(batch, device)
