@@ -166,3 +166,20 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(workspace: Pat
     assert sorted(r["budget_steps"] for r in downstream) == [1, 2], "each trial's stage ran exactly once"
     assert stage_rows_before <= {r["run_id"] for r in rows(workspace, row_type="stage", sweep_id="resume")}
     assert "Pareto-optimal settings" in resumed.stdout
+
+
+def test_a_stopped_trial_row_outranks_the_failure_its_teardown_writes() -> None:
+    """ASHA's stop tears the trial down mid-stage; its 'failed' row may land after the 'stopped' one."""
+    from rmoe_platform.sweep.report import trial_rows
+
+    def row(run_id: str, status: str) -> dict[str, Any]:
+        return {"row_type": "pipeline", "sweep_id": "s", "run_id": run_id, "status": status}
+
+    rows = [row("a", "stopped"), row("a", "failed"), row("b", "failed"), row("b", "succeeded"), row("c", "failed")]
+    rows += [row("d", "failed"), row("d", "failed"), {**row("e", "succeeded"), "sweep_id": "other"}]
+    assert {r["run_id"]: r["status"] for r in trial_rows(rows, "s")} == {
+        "a": "stopped",
+        "b": "succeeded",
+        "c": "failed",
+        "d": "failed",
+    }

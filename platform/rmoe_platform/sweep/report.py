@@ -13,10 +13,15 @@ COST_LABELS = {"dollars": "dollars", "device_seconds": "device-s", "gpu_days": "
 
 
 def trial_rows(rows: Sequence[dict[str, Any]], sweep_id: str) -> list[dict[str, Any]]:
-    """The sweep's pipeline rows, one per trial (the newest, should a trial have several)."""
+    """The sweep's pipeline rows, one per trial: the newest, should a trial have several, except that a
+    'failed' row never outranks a 'stopped' or 'succeeded' one. A trial ASHA stops is torn down mid-stage
+    and may write a 'failed' row of its own; which of the two lands last is a race."""
     latest: dict[str, dict[str, Any]] = {}
     for row in rows:
-        if row.get("row_type") == "pipeline" and row.get("sweep_id") == sweep_id:
+        if row.get("row_type") != "pipeline" or row.get("sweep_id") != sweep_id:
+            continue
+        kept = latest.get(row["run_id"])
+        if kept is None or row.get("status") != "failed" or kept.get("status") == "failed":
             latest[row["run_id"]] = row
     return list(latest.values())
 
