@@ -3,7 +3,7 @@ evaluation path, bad annotations, and a segmentation pipeline end to end."""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import ray
 import torch
+from mm_models import NANO, NANO_CHANNELS, nano_model
 from mmdet.structures.mask import BitmapMasks
-from mmengine.config import Config
 from mmengine.structures import InstanceData, PixelData
 
 from rmoe_platform.config.experiment import ExperimentConfig
@@ -31,44 +31,13 @@ from rmoe_platform.datasets.ingest import (
     read_split,
 )
 from rmoe_platform.mm import load_dense_model
-from rmoe_platform.mm.build import build_registered, mm_scope
+from rmoe_platform.mm.build import mm_scope
 from rmoe_platform.pipelines.runner import ExperimentRunner
 from rmoe_platform.results import ResultsStore
 from rmoe_platform.stage.worker.trainable import apply_trainable, group_members
 from rmoe_platform.tasks import DataFacts, task_for
 
 ROOT = Path(__file__).resolve().parents[1]
-NANO = "rmoe_swin_nano_patch4_window4_64"
-NANO_CHANNELS = [48, 96, 192, 384]
-
-
-# ---- plain config files ----------------------------------------------------------------------------
-def nano_model(task: str, residual: bool = True, stock: bool = False) -> torch.nn.Module:
-    """The model of the repo's plain mm config file, shrunk to the CPU-sized Swin (same file, same types)."""
-    name = "upernet_rmoe-swin-t_ade20k.py" if task == "segmentation" else "mask-rcnn_rmoe-swin-t_fpn_coco.py"
-    cfg = Config.fromfile(str(ROOT / "configs" / "mm" / name))
-    model = copy.deepcopy(cfg.model)
-    model.backbone.update(arch=NANO, model_kwargs={"img_size": 64})
-    model.backbone.moe = {"num_experts": 2, "top_k": 1, "residual": residual, "init_noise": 0.01}
-    if task == "segmentation":
-        model.data_preprocessor.size = (64, 64)
-        model.decode_head.update(in_channels=NANO_CHANNELS, channels=32, num_classes=5)
-        model.auxiliary_head.update(in_channels=NANO_CHANNELS[2], channels=16, num_classes=5)
-        for head in (model.decode_head, model.auxiliary_head):
-            head.norm_cfg = {"type": "BN", "requires_grad": True}  # SyncBN needs GPUs
-        if stock:
-            model.type = "EncoderDecoder"
-    else:
-        model.neck.update(in_channels=NANO_CHANNELS, out_channels=32)
-        model.rpn_head.update(in_channels=32, feat_channels=32)
-        model.rpn_head.anchor_generator.scales = [2]
-        for extractor in ("bbox_roi_extractor", "mask_roi_extractor"):
-            model.roi_head[extractor].out_channels = 32
-        model.roi_head.bbox_head.update(in_channels=32, fc_out_channels=64, num_classes=4)
-        model.roi_head.mask_head.update(in_channels=32, conv_out_channels=32, num_classes=4)
-        if stock:
-            model.type = "MaskRCNN"
-    return build_registered(task, model.to_dict())
 
 
 def training_inputs(task: str) -> dict[str, Any]:
@@ -141,6 +110,19 @@ def test_residual_only_training_leaves_the_core_untouched(task: str) -> None:
     assert any(not torch.equal(params[n], before[n]) for n in residual)
     heads = [n for n in params if not n.startswith("backbone.")]
     assert all(torch.equal(params[n], before[n]) for n in heads)
+
+
+@pytest.mark.parametrize(
+    ("task", "heads"),
+    [("segmentation", {"decode_head", "auxiliary_head"}), ("detection", {"neck", "rpn_head", "roi_head"})],
+)
+def test_the_head_group_trains_everything_but_the_backbone(task: str, heads: set[str]) -> None:
+    model = nano_model(task)
+    members = group_members(model, "head")
+    assert {name.split(".")[0] for name in members} == heads
+    count = apply_trainable(model, ["head"])
+    assert count == sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in heads)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("backbone."))
 
 
 # ---- evaluation: ground truth fed back as prediction ----------------------------------------------------
@@ -340,3 +322,35 @@ def test_segmentation_pipeline_improves_miou_end_to_end(ray_local, tmp_path: Pat
         data = model.data_preprocessor(training_inputs("segmentation"), False)
         predictions = model.predict(data["inputs"], data["data_samples"])
     assert predictions[0].pred_sem_seg.data.shape == (1, 64, 64)
+
+
+@pytest.mark.parametrize(("task", "use_gpu"), [("segmentation", False), ("segmentation", True), ("detection", False)])
+def test_syncbn_on_gpu_workers_and_bn_on_cpu_workers(tmp_path: Path, task: str, use_gpu: bool) -> None:
+    """SyncBN needs GPU workers (torch's SyncBatchNorm refuses CPU tensors): CPU workers build BN and the
+    checkpoint says so; `none` leaves Mask R-CNN's FPN and mask head without a norm, as mmdet publishes it."""
+    from rmoe_platform.config.stage import HeadConfig
+
+    stats = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    config = StageConfig.from_dict(
+        {
+            "name": "n",
+            "task": task,
+            "model": {"arch": NANO, "num_classes": 4},
+            "head": {"channels": 32, "fc_channels": 64, "norm": "SyncBN"},
+            "data": {"uri": str(tmp_path), "img_size": 64},
+            "scaling": {"use_gpu": use_gpu},
+        }
+    )
+    model, _ = task_for(task, DataFacts(*stats, ("a", "b", "c", "d"))).build(config)
+    norms = {
+        type(m).__name__
+        for n, m in model.named_modules()
+        if not n.startswith("backbone") and "Norm" in type(m).__name__
+    }
+    assert norms == ({"SyncBatchNorm"} if use_gpu else {"BatchNorm2d"})
+    recorded = json.loads(task_for(task, DataFacts(*stats, ("a",))).checkpoint_metadata(config)["rmoe_head"])["norm"]
+    assert recorded == ("SyncBN" if use_gpu else "BN")
+    if task == "detection":
+        plain = dataclasses.replace(config, head=HeadConfig(channels=32, fc_channels=64, norm="none"))
+        model, _ = task_for(task, DataFacts(*stats, ("a", "b", "c", "d"))).build(plain)
+        assert not any("Norm" in type(m).__name__ for n, m in model.named_modules() if not n.startswith("backbone"))

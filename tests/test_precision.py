@@ -155,7 +155,8 @@ def test_compiled_dense_parts_compute_what_eager_does() -> None:
 def test_dense_prediction_trains_and_predicts_under_bf16_autocast(task: str) -> None:
     """The backbone runs in bf16; Mask R-CNN's heads get fp32 features (anchors, boxes, NMS and RoIAlign in
     fp32), UperNet's heads stay in bf16."""
-    from test_mm import nano_model, training_inputs
+    from mm_models import nano_model
+    from test_mm import training_inputs
 
     from rmoe_platform.mm.build import mm_scope
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ray.train import ScalingConfig
 
 TRAINABLE_GROUPS = ("all", "residual", "router", "experts", "core", "moe", "head", "non_moe")
-NORMS = ("BN", "SyncBN", "GN")
+NORMS = ("BN", "SyncBN", "GN", "none")
 # Training precision: `auto` is bf16 autocast on CUDA devices that support it and fp32 elsewhere; `fp16`
 # trains with a gradient scaler. Master weights, the router and checkpoints stay fp32 in every mode.
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -58,9 +58,22 @@ class ModelConfig:
         return ModelSpec(self.arch, dict(self.kwargs))
 
 
+SCHEDULES = ("cosine", "poly", "step")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay; router and residual groups may have their own LR."""
+    """AdamW with a linear warmup, then a decay (`schedule`); router and residual groups may have their own LR.
+
+    The schedules are mmengine's, step for step (a test compares the curves):
+    - `cosine`: `CosineAnnealingLR` after the warmup, down to `min_lr_ratio` × lr at the last step;
+    - `poly`: `PolyLR` after the warmup, (1 − progress)^`power` down to `min_lr_ratio` × lr (mmseg's);
+    - `step`: `MultiStepLR`, lr × `gamma` at each of `milestones` (mmdet's), counted in the stage budget's
+      unit (epochs for an epoch budget, steps for a step budget).
+
+    The warmup is mmengine's `LinearLR` from `warmup_start_factor` × lr over `warmup_steps`; without
+    `warmup_start_factor` it is the platform's original ramp, (step + 1) / warmup_steps.
+    """
 
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -70,6 +83,11 @@ class OptimConfig:
     router_lr: float | None = None
     residual_lr: float | None = None
     grad_clip: float | None = 1.0
+    schedule: str = "cosine"
+    power: float = 1.0
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    warmup_start_factor: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("lr", "router_lr", "residual_lr"):
@@ -79,6 +97,18 @@ class OptimConfig:
         check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         check(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
+        check(self.schedule in SCHEDULES, f"schedule: unknown {self.schedule!r} (use {', '.join(SCHEDULES)})")
+        check(self.power > 0, f"power must be > 0, got {self.power}")
+        check(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
+        increasing = list(self.milestones) == sorted(set(self.milestones))
+        check(
+            all(isinstance(m, int) and m > 0 for m in self.milestones) and increasing,
+            f"milestones must be increasing positive ints, got {list(self.milestones)}",
+        )
+        check(self.schedule == "step" or not self.milestones, "milestones belong to schedule: step")
+        check(self.schedule != "step" or bool(self.milestones), "schedule: step needs milestones")
+        factor = self.warmup_start_factor
+        check(factor is None or 0 < factor <= 1, f"warmup_start_factor must be in (0, 1], got {factor}")
 
 
 @dataclass(frozen=True)
@@ -182,7 +212,9 @@ class HeadConfig:
     stage. Defaults are the papers' sizes; the CPU demo shrinks them.
 
     `channels`: UperNet's decode width, or FPN's and the RoI heads' width; `fc_channels`: Mask R-CNN's box
-    head FC width; `norm`: the heads' normalisation (SyncBN needs GPUs); `aux_weight`: UperNet's FCN
+    head FC width; `norm`: the normalisation of UperNet's heads, or of Mask R-CNN's FPN and mask head
+    (`none`: mmdet's published Mask R-CNN; SyncBN computes batch statistics over all workers, which needs
+    GPU workers: on CPU workers it falls back to BN, statistics per worker); `aux_weight`: UperNet's FCN
     auxiliary loss weight (0 = no auxiliary head); `pyramid_channels`: a ViT's simple-pyramid width
     (default embed_dim); `anchor_scales`: RPN anchor sizes as multiples of each level's stride;
     `rpn_proposals`/`roi_samples`: proposals kept per image and RoIs sampled for the box head in
@@ -209,6 +241,11 @@ class HeadConfig:
         check(self.pyramid_channels is None or self.pyramid_channels >= 1, "pyramid_channels must be >= 1")
         check(len(self.anchor_scales) >= 1 and all(s > 0 for s in self.anchor_scales), "anchor_scales must be > 0")
         check(0 <= self.score_thr < 1, f"score_thr must be in [0, 1), got {self.score_thr}")
+
+    def on_workers(self, use_gpu: bool) -> HeadConfig:
+        """The head as built on the stage's workers: torch's SyncBatchNorm refuses CPU tensors, so SyncBN
+        falls back to BN on CPU workers (one GPU worker keeps SyncBN, which then syncs with itself)."""
+        return dataclasses.replace(self, norm="BN") if self.norm == "SyncBN" and not use_gpu else self
 
 
 @dataclass(frozen=True)
@@ -284,6 +321,12 @@ class StageConfig:
         assert self.budget.epochs is not None
         return self.budget.epochs * self.steps_per_epoch(num_train)
 
+    def milestone_steps(self, num_train: int) -> tuple[int, ...]:
+        """The `step` schedule's milestones in optimizer steps (given in the budget's unit)."""
+        if self.budget.epochs is None:
+            return self.optim.milestones
+        return tuple(m * self.steps_per_epoch(num_train) for m in self.optim.milestones)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -298,6 +341,7 @@ class StageConfig:
 
 __all__ = [
     "PRECISIONS",
+    "SCHEDULES",
     "BudgetConfig",
     "CheckpointSpec",
     "ConfigError",

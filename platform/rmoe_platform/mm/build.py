@@ -65,9 +65,7 @@ def build_dense_model(
         config = segmentation_model(backbone, in_channels, num_classes, head, mean, std, size)
     else:
         config = detection_model(backbone, in_channels, num_classes, head, mean, std)
-    model = build_registered(task, config)
-    model.rmoe_head_prefixes = tuple(f"{name}." for name, _ in model.named_children() if name != "backbone")
-    return model
+    return build_registered(task, config)
 
 
 def load_dense_model(path: str | Path) -> nn.Module:

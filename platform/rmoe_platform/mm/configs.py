@@ -20,7 +20,9 @@ def backbone_config(spec_fields: dict[str, Any], pyramid_channels: int | None) -
     return {"type": "RMoEViT", **config, "pyramid_channels": pyramid_channels}
 
 
-def _norm(head: HeadConfig) -> dict[str, Any]:
+def _norm(head: HeadConfig) -> dict[str, Any] | None:
+    if head.norm == "none":
+        return None
     if head.norm == "GN":
         return {"type": "GN", "num_groups": 32 if head.channels % 32 == 0 else 1, "requires_grad": True}
     return {"type": head.norm, "requires_grad": True}
@@ -89,7 +91,8 @@ def detection_model(
     mean: list[float],
     std: list[float],
 ) -> dict[str, Any]:
-    """Mask R-CNN: FPN (5 levels), RPN, shared-2FC box head and FCN mask head."""
+    """Mask R-CNN: FPN (5 levels), RPN, shared-2FC box head and FCN mask head (`head.norm` in the FPN and
+    the mask head's convolutions)."""
     width = head.channels
     return {
         "type": "RMoEMaskRCNN",
@@ -102,7 +105,13 @@ def detection_model(
             "pad_size_divisor": 32,
         },
         "backbone": backbone,
-        "neck": {"type": "FPN", "in_channels": in_channels, "out_channels": width, "num_outs": 5},
+        "neck": {
+            "type": "FPN",
+            "in_channels": in_channels,
+            "out_channels": width,
+            "num_outs": 5,
+            "norm_cfg": _norm(head),
+        },
         "rpn_head": _rpn_head(width, head),
         "roi_head": _roi_head(width, num_classes, head),
         "train_cfg": _detection_train_cfg(head),
@@ -165,6 +174,7 @@ def _roi_head(width: int, num_classes: int, head: HeadConfig) -> dict[str, Any]:
             "in_channels": width,
             "conv_out_channels": width,
             "num_classes": num_classes,
+            "norm_cfg": _norm(head),
             "loss_mask": {"type": "CrossEntropyLoss", "use_mask": True, "loss_weight": 1.0},
         },
     }

@@ -34,6 +34,11 @@ class MoEAuxLossMixin:
     backbone: torch.nn.Module
     last_moe_aux: Any = None
 
+    @property
+    def rmoe_head_prefixes(self) -> tuple[str, ...]:
+        """Parameter-name prefixes of everything but the backbone: the `head` trainable group."""
+        return tuple(f"{name}." for name, _ in self.named_children() if name != "backbone")  # type: ignore[attr-defined]
+
     def loss(self, inputs: torch.Tensor, data_samples: Any) -> dict[str, Any]:
         for _, layer in moe_layers(self):  # type: ignore[arg-type]
             layer.pop_aux()  # drop anything a previous forward left behind

@@ -66,18 +66,33 @@ class StageNode:
         return chain[::-1]
 
 
+# Fields added after stages were first cached, each with the value that computes what every stage computed
+# before the field existed: at that value a field stays out of the hash, so cached stages keep theirs.
+_NEUTRAL_ADDITIONS: dict[tuple[str, ...], Any] = {
+    ("compile",): False,
+    ("optim", "schedule"): "cosine",
+    ("optim", "power"): 1.0,
+    ("optim", "milestones"): (),
+    ("optim", "gamma"): 0.1,
+    ("optim", "warmup_start_factor"): None,
+}
+
+
 def stage_hash(config: StageConfig, parent_hash: str | None) -> str:
     """Content hash of what the stage computes: its config (minus run-time fields) and its parent.
 
-    `precision` and `compile` came after stages were first cached: they enter the hash only where they
-    change the arithmetic from what every stage computed before they existed (fp32, eager), so a cached
-    CPU stage keeps its hash."""
+    Fields added later enter the hash only where they change the computation (`_NEUTRAL_ADDITIONS`; and
+    `precision` wherever the arithmetic stays fp32, e.g. `auto` on CPU workers)."""
     data = {k: v for k, v in config.to_dict().items() if k not in _HASH_EXCLUDED}
     data["model"] = {k: v for k, v in data["model"].items() if k != "parent_checkpoint"}
     if config.computes_in_fp32:
         del data["precision"]
-    if not config.compile:
-        del data["compile"]
+    for (*parents, name), neutral in _NEUTRAL_ADDITIONS.items():
+        owner = data
+        for parent in parents:
+            owner = owner[parent]
+        if owner[name] == neutral:
+            del owner[name]
     payload = json.dumps({"stage": data, "parent": parent_hash}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

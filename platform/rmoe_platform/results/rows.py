@@ -89,6 +89,7 @@ def stage_row(
         "history": metrics.get("history"),
         "config": {"imported": core.describe(), "model": config.to_dict()["model"]} if core else config.to_dict(),
         "checkpoint_uri": outcome.checkpoint_uri,
+        "predictions_uri": result.predictions_uri if result else None,
         "started_at": started,
         "finished_at": now(),
     }

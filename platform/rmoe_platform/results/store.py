@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from rmoe_platform import storage
 from rmoe_platform.storage.s3 import S3Access
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: predictions_uri
 
 SCHEMA = pa.schema(
     [
@@ -71,6 +71,7 @@ SCHEMA = pa.schema(
         ("params", pa.string()),  # JSON: a sweep trial's sampled setting (name -> value)
         ("config", pa.string()),  # JSON of the stage or experiment config
         ("checkpoint_uri", pa.string()),
+        ("predictions_uri", pa.string()),  # a seg/det stage's exported validation predictions (PNGs / COCO JSON)
         ("sweep_id", pa.string()),
         ("git_commit", pa.string()),
         ("started_at", pa.timestamp("us", tz="UTC")),

@@ -26,6 +26,7 @@ from rmoe_platform.stage.prepare import PreparedStage, prepare_stage
 from rmoe_platform.stage.worker.checkpoints import STATE_FILE
 from rmoe_platform.stage.worker.loop import train_stage_worker
 from rmoe_platform.storage.s3 import S3Access
+from rmoe_platform.tasks.base import PREDICTIONS_DIR, PREDICTIONS_EXPORTED
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,13 @@ class StageResult:
     def metric(self) -> float | None:
         """The validation value of `metric_name` (accuracy, mIoU, bbox_mAP)."""
         return self.metrics.get("val_metric")
+
+    @property
+    def predictions_uri(self) -> str | None:
+        """The final validation's exported predictions (segmentation, detection), in the final checkpoint."""
+        if self.checkpoint_uri is None or not self.metrics.get(PREDICTIONS_EXPORTED):
+            return None
+        return f"{self.checkpoint_uri.rstrip('/')}/{PREDICTIONS_DIR}"
 
 
 def run_stage(

@@ -16,6 +16,9 @@ from rmoe.telemetry import MoEAuxSummary
 from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.datasets.format import DataFacts
 
+PREDICTIONS_DIR = "predictions"  # in a stage's final checkpoint, for the tasks that export them
+PREDICTIONS_EXPORTED = "predictions_exported"  # the final report's count of exported predictions
+
 
 @dataclass
 class StepOutput:
@@ -67,9 +70,13 @@ class StageTask(ABC):
         data-parallel wrapper of `model`; default `model` itself); `model` is read for everything else."""
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, batches: Iterable[Any], device: torch.device, *, export: Path | None = None
+    ) -> dict[str, float]:
         """Validation metrics over this worker's batches, combined across workers (accumulated on the
-        device, reduced once); includes `val_metric` (the value of `metric_name`) and `val_samples`."""
+        device, reduced once); includes `val_metric` (the value of `metric_name`) and `val_samples`.
+        `export`: a folder for the predictions, where the task writes them (segmentation and detection,
+        rank 0; see `mm.evaluation`)."""
 
     @abstractmethod
     def train_flops_per_sample(self, model: nn.Module, config: StageConfig) -> float:

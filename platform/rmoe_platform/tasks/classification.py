@@ -55,7 +55,10 @@ class ClassificationTask(StageTask):
         return StepOutput(nn.functional.cross_entropy(logits.float(), labels), aux)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, batches: Iterable[Any], device: torch.device, *, export: Path | None = None
+    ) -> dict[str, float]:
+        """Top-1 accuracy and loss (`export` is not used: a prediction per image is the accuracy)."""
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
         for batch in batches:
             images, labels = self._tensors(batch, device)

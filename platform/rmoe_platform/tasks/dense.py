@@ -29,7 +29,7 @@ from rmoe_platform.mm.models import AUX_LOSS_KEY
 from rmoe_platform.mm.samples import MMInputs
 from rmoe_platform.stage.worker.checkpoints import checkpoint_spec, load_model_state
 from rmoe_platform.stage.worker.model import build_stage_model
-from rmoe_platform.tasks.base import StageTask, StepOutput
+from rmoe_platform.tasks.base import PREDICTIONS_EXPORTED, StageTask, StepOutput
 from rmoe_platform.tasks.classification import without_classes
 
 
@@ -62,16 +62,16 @@ class DenseTask(StageTask):
     ) -> tuple[nn.Module, ModelSpec]:
         size, num_classes = config.data.img_size, config.model.num_classes
         assert size is not None and num_classes is not None  # resolved by prepare_stage
-        image_stats = self.facts.image_stats
+        image_stats, head = self.facts.image_stats, config.head.on_workers(config.scaling.use_gpu)
         if resume is not None:
             spec = checkpoint_spec(resume)
-            model = build_dense_model(self.name, spec, num_classes, config.head, image_stats, size)
+            model = build_dense_model(self.name, spec, num_classes, head, image_stats, size)
             if load:
                 load_weights(model, load_model_state(resume), source=f"checkpoint {resume}")
             return model, spec
         trunk, spec = build_stage_model(without_classes(config), parent=parent, load=load)
         sized = spec.with_kwargs(img_size=size)
-        model = build_dense_model(self.name, sized, num_classes, config.head, image_stats, size)
+        model = build_dense_model(self.name, sized, num_classes, head, image_stats, size)
         source = f"parent checkpoint {parent}" if parent is not None else "the stage's fresh model"
         load_trunk_weights(self.trunk(model), trunk.state_dict(), source)
         return model, self._backbone(model).spec
@@ -88,7 +88,7 @@ class DenseTask(StageTask):
     def checkpoint_metadata(self, config: StageConfig) -> dict[str, str]:
         return {
             "rmoe_task": self.name,
-            "rmoe_head": json.dumps(asdict(config.head)),
+            "rmoe_head": json.dumps(asdict(config.head.on_workers(config.scaling.use_gpu))),
             "rmoe_num_classes": str(config.model.num_classes),
             "rmoe_img_size": str(config.data.img_size),
             "rmoe_image_stats": json.dumps(self.facts.image_stats),
@@ -110,8 +110,10 @@ class DenseTask(StageTask):
         return StepOutput(task_loss, aux, components)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device) -> dict[str, float]:
-        evaluator = self.evaluator_type(self.facts.classes)
+    def evaluate(
+        self, model: nn.Module, batches: Iterable[Any], device: torch.device, *, export: Path | None = None
+    ) -> dict[str, float]:
+        evaluator = self.evaluator_type(self.facts.classes, export)
         count = 0
         for batch in batches:
             with mm_scope(self.name):
@@ -123,6 +125,8 @@ class DenseTask(StageTask):
         metrics, total = evaluator.compute(count)
         out = {f"val_{name}": value for name, value in metrics.items()}
         out.update(val_metric=metrics[self.metric_name], val_samples=float(total))
+        if export is not None:
+            out[PREDICTIONS_EXPORTED] = float(total)
         return out
 
     # ---- cost ----

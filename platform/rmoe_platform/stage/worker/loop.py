@@ -30,6 +30,7 @@ from rmoe_platform.stage.worker.trainable import apply_trainable
 from rmoe_platform.storage import download
 from rmoe_platform.storage.s3 import S3Access
 from rmoe_platform.tasks import StageTask, task_for
+from rmoe_platform.tasks.base import PREDICTIONS_DIR
 
 
 @dataclass
@@ -141,7 +142,7 @@ def _setup(payload: WorkerPayload, resume_dir: Path | None) -> WorkerContext:
         compile_dense_parts(model)
     plan = parallelize(model, config.scaling.expert_parallel_size, find_unused_parameters=task.may_skip_parameters)
     optimizer = build_optimizer(model, config.optim)
-    scheduler = build_schedule(optimizer, config.optim, total_steps)
+    scheduler = build_schedule(optimizer, config.optim, total_steps, config.milestone_steps(payload.num_train))
     return WorkerContext(
         config,
         total_steps,
@@ -203,8 +204,9 @@ def _step_metrics(ctx: WorkerContext, last: StepStats | None) -> dict[str, float
     return metrics
 
 
-def validate(ctx: WorkerContext) -> dict[str, float]:
-    """The task's validation metrics over this worker's (unshuffled) shard, combined over workers."""
+def validate(ctx: WorkerContext, export: Path | None = None) -> dict[str, float]:
+    """The task's validation metrics over this worker's (unshuffled) shard, combined over workers;
+    `export`: where the task writes its predictions (if it exports any)."""
     ctx.model.eval()
     batches = ray.train.get_dataset_shard("val").iter_torch_batches(
         batch_size=ctx.config.local_batch_size,
@@ -212,7 +214,7 @@ def validate(ctx: WorkerContext) -> dict[str, float]:
         pin_memory=ctx.device.type == "cuda",
     )
     with ctx.precision.autocast():
-        return ctx.task.evaluate(ctx.model, batches, ctx.device)
+        return ctx.task.evaluate(ctx.model, batches, ctx.device, export=export)
 
 
 def residual_telemetry(ctx: WorkerContext) -> dict[str, float]:
@@ -236,7 +238,8 @@ def _report(
     evaluate: bool = False,
     final: bool = False,
 ) -> None:
-    """Every worker reports (a Ray Train sync point); rank 0 attaches the checkpoint."""
+    """Every worker reports (a Ray Train sync point); rank 0 attaches the checkpoint. The final validation
+    writes its predictions into the final checkpoint (`PREDICTIONS_DIR`), for the tasks that export them."""
     metrics: dict[str, Any] = {**ctx.initial, **_step_metrics(ctx, last)}
     metrics.update({"step": progress.step, "epoch": progress.epoch, "samples": progress.samples})
     metrics.update(
@@ -244,17 +247,17 @@ def _report(
     )
     metrics["precision"] = ctx.precision.name
     metrics["train_seconds"] = time.perf_counter() - started
-    if evaluate:
-        metrics.update(validate(ctx))
-    metrics.update(residual_telemetry(ctx))
-    record_history(progress, metrics, final=final)
-    if final:
-        metrics["history"] = progress.history
-    if not checkpoint:
-        ray.train.report(metrics)
-        return
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
+        if evaluate:
+            metrics.update(validate(ctx, export=directory / PREDICTIONS_DIR if final else None))
+        metrics.update(residual_telemetry(ctx))
+        record_history(progress, metrics, final=final)
+        if final:
+            metrics["history"] = progress.history
+        if not checkpoint:
+            ray.train.report(metrics)
+            return
         save_training_checkpoint(
             directory,
             ctx.model,

@@ -1,8 +1,9 @@
-"""AdamW with per-group learning rates (router, residual, rest) and a warmup + cosine schedule."""
+"""AdamW with per-group learning rates (router, residual, rest) and a warmup + decay schedule."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -34,15 +35,33 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 def build_schedule(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, milestone_steps: tuple[int, ...] = ()
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over `warmup_steps`, then cosine from 1 to `min_lr_ratio` at `total_steps`."""
+    """The warmup times the decay of `cfg.schedule`, as one LambdaLR (see `OptimConfig`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps, milestone_steps))
 
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        span = max(1, total_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def lr_factor(cfg: OptimConfig, total_steps: int, milestone_steps: tuple[int, ...] = ()) -> Callable[[int], float]:
+    """The learning rate at `step` ÷ the base learning rate, in closed form."""
+    warmup, floor = cfg.warmup_steps, cfg.min_lr_ratio
+
+    def warmup_factor(step: int) -> float:
+        if step >= warmup:
+            return 1.0
+        start = cfg.warmup_start_factor
+        if start is None:
+            return (step + 1) / warmup
+        return start + (1 - start) * step / max(warmup - 1, 1)  # mmengine's LinearLR reaches 1 at its last step
+
+    def decay(step: int) -> float:
+        if cfg.schedule == "step":
+            return cfg.gamma ** sum(step >= m for m in milestone_steps)
+        if step < warmup:
+            return 1.0
+        if cfg.schedule == "poly":
+            span = max(1, total_steps - warmup - 1)  # mmengine's PolyLR reaches the floor at the last step
+            return floor + (1 - floor) * (1 - min(step - warmup, span) / span) ** cfg.power
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return lambda step: warmup_factor(step) * decay(step)

@@ -15,6 +15,15 @@ def _moe_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(f"{name}." for name, _ in moe_layers(model))
 
 
+def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """What `head` names: a timm classifier ("head" for a ViT, "head.fc" for a Swin), or everything of an
+    mm model but its backbone (UperNet's decode and auxiliary heads; Mask R-CNN's FPN, RPN and RoI heads)."""
+    mm_heads = getattr(model, "rmoe_head_prefixes", None)
+    if mm_heads is not None:
+        return tuple(mm_heads)
+    return (f"{getattr(model, 'default_cfg', {}).get('classifier', 'head')}.",)
+
+
 def group_members(model: nn.Module, group: str) -> set[str]:
     """Parameter names in `group`: all, residual, router, experts, core, moe, head, non_moe, re:<regex>.
     Roles inside MoE layers (router, core, residual, expert) are `rmoe.moe.parameter_role`'s."""
@@ -30,8 +39,7 @@ def group_members(model: nn.Module, group: str) -> set[str]:
     if group == "moe":
         return in_moe
     if group == "head":
-        head = getattr(model, "default_cfg", {}).get("classifier", "head")  # timm: "head" (ViT), "head.fc" (Swin)
-        return {n for n in names if n.startswith(f"{head}.")}
+        return {n for n in names if n.startswith(_head_prefixes(model))}
     if group == "non_moe":
         return set(names) - in_moe
     if group.startswith("re:"):
