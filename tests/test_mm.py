@@ -20,7 +20,7 @@ from rmoe_platform.config.experiment import ExperimentConfig
 from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.datasets import AugmentSpec, SceneRecipe, write_dataset
-from rmoe_platform.datasets.codec import encode_png, instance_mask_decode, rle_encode
+from rmoe_platform.datasets.codec import decode_mask, encode_png, instance_mask_decode, rle_encode
 from rmoe_platform.datasets.convert import SourceError, coco
 from rmoe_platform.datasets.ingest import (
     CorruptDataError,
@@ -298,7 +298,7 @@ def test_segmentation_pipeline_improves_miou_end_to_end(ray_local, tmp_path: Pat
             "downstream.budget={steps: 64}",
             "downstream.optim.lr=1.0e-3",
             "batch_size=16",
-            "moe_scaling={num_workers: 1}",
+            "moe_scaling={num_workers: 2, expert_parallel_size: 2}",
         ],
     )
     store = ResultsStore(exp.results)
@@ -315,6 +315,17 @@ def test_segmentation_pipeline_improves_miou_end_to_end(ray_local, tmp_path: Pat
     assert row["flops"] > 0 and row["num_experts"] == 4
     pipeline = [r for r in store.read().table.to_pylist() if r["row_type"] == "pipeline"]
     assert pipeline[0]["metric_name"] == "mIoU" and pipeline[0]["metric"] == row["metric"]
+    assert row["num_workers"] == 2, "expert parallel over 2 workers"
+    # the exported label maps, scored against the dataset's stored masks by a plain confusion matrix
+    from dense_predictions import stored_annotations
+    from test_dense_metrics import confusion_miou
+
+    truth = stored_annotations(exp.datasets()["experiment.downstream.data"].uri, "segmentation")
+    exported = Path(row["predictions_uri"])
+    assert exported == Path(row["checkpoint_uri"]) / "predictions"
+    predicted = {int(p.stem): {"mask": decode_mask(p.read_bytes())} for p in exported.glob("*.png")}
+    assert predicted.keys() == truth.keys()
+    assert confusion_miou(truth, predicted) == pytest.approx(row["metric"], abs=1e-4)
     # the trained model reloads from its checkpoint alone, for inference
     model = load_dense_model(row["checkpoint_uri"])
     assert type(model).__name__ == "RMoEEncoderDecoder" and model.backbone.spec.is_moe
