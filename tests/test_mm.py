@@ -20,7 +20,7 @@ from rmoe_platform.config.experiment import ExperimentConfig
 from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.datasets import AugmentSpec, SceneRecipe, write_dataset
-from rmoe_platform.datasets.codec import decode_mask, encode_png, instance_mask_decode, rle_encode
+from rmoe_platform.datasets.codec import decode_mask, encode_png, rle_encode
 from rmoe_platform.datasets.convert import SourceError, coco
 from rmoe_platform.datasets.ingest import (
     CorruptDataError,
@@ -28,7 +28,6 @@ from rmoe_platform.datasets.ingest import (
     DecodeSpec,
     create_ledger,
     open_dataset,
-    read_split,
 )
 from rmoe_platform.mm import load_dense_model
 from rmoe_platform.mm.build import mm_scope
@@ -123,55 +122,6 @@ def test_the_head_group_trains_everything_but_the_backbone(task: str, heads: set
     count = apply_trainable(model, ["head"])
     assert count == sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in heads)
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("backbone."))
-
-
-# ---- evaluation: ground truth fed back as prediction ----------------------------------------------------
-class Oracle(torch.nn.Module):
-    """Predicts exactly the ground truth the stage's batches carry (at the original image size)."""
-
-    def __init__(self, task: str, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.task = task
-        self.data_preprocessor = model.data_preprocessor
-
-    def predict(self, inputs: torch.Tensor, samples: list[Any]) -> list[Any]:
-        for sample in samples:
-            if self.task == "segmentation":
-                sample.pred_sem_seg = PixelData(data=sample.gt_sem_seg.data.clone())
-                continue
-            h, w = sample.ori_shape
-            instances = sample.instances
-            masks = np.stack([instance_mask_decode(json.dumps(a["mask"]), h, w) for a in instances]).astype(bool)
-            sample.pred_instances = InstanceData(
-                bboxes=torch.tensor([a["bbox"] for a in instances]),
-                labels=torch.tensor([a["bbox_label"] for a in instances]),
-                scores=torch.ones(len(instances)),
-                masks=torch.from_numpy(masks),
-            )
-        return samples
-
-
-@pytest.mark.parametrize("task", ["segmentation", "detection"])
-def test_ground_truth_as_prediction_scores_one_through_the_stage_evaluation(ray_local, tmp_path: Path, task) -> None:
-    recipe = SceneRecipe(task=task, num_train=8, num_val=12, img_size=48, num_classes=4, shard_rows=5, seed=3)
-    uri = str(tmp_path / task)
-    write_dataset(uri, recipe.plan(task), recipe.rows, progress=False)
-    opened = open_dataset(uri)
-    ledger = create_ledger(opened, 0.0)
-    try:
-        val = read_split(opened, "val", DecodeSpec(task, "eval", 64, AugmentSpec(), 0.0), ledger)
-        stats = opened.card.stats
-        dense = task_for(task, DataFacts(stats.mean, stats.std, opened.card.classes))
-        batches = val.iter_torch_batches(batch_size=5, collate_fn=dense.collate_fn("val"))
-        metrics = dense.evaluate(Oracle(task, nano_model(task)), batches, torch.device("cpu"))
-    finally:
-        ray.kill(ledger)
-    assert metrics["val_samples"] == 12
-    if task == "segmentation":
-        assert metrics["val_mIoU"] == pytest.approx(1.0) and metrics["val_aAcc"] == pytest.approx(1.0)
-    else:
-        assert metrics["val_bbox_mAP"] == pytest.approx(1.0) and metrics["val_segm_mAP"] == pytest.approx(1.0)
-    assert metrics["val_metric"] == pytest.approx(1.0)
 
 
 # ---- bad annotations ------------------------------------------------------------------------------------
