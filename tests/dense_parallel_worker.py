@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dense_predictions import FromAnnotations, half_wrong, stored_annotations
-from mm_models import nano_model  # globals, so they travel by value with the functions that use them
+from mm_models import nano_model, training_batch  # globals, so they travel by value with the functions that use them
 
 TASKS = ("segmentation", "detection")
 PER_WORKER = 4
@@ -26,37 +26,6 @@ def build(task: str) -> Any:
     for _, layer in moe_layers(model):
         layer.aux_weights = AuxLossWeights(importance=0.0)
     return model
-
-
-def training_batch(task: str, count: int) -> dict[str, Any]:
-    """`count` images with targets, as the mm data preprocessor takes them (deterministic)."""
-    import numpy as np
-    import torch
-    from mmdet.structures import DetDataSample
-    from mmdet.structures.mask import BitmapMasks
-    from mmengine.structures import InstanceData, PixelData
-    from mmseg.structures import SegDataSample
-
-    gen = torch.Generator().manual_seed(7)
-    images = [torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8, generator=gen) for _ in range(count)]
-    samples: list[Any] = []
-    for i in range(count):
-        meta = {"img_shape": (64, 64), "ori_shape": (64, 64), "pad_shape": (64, 64), "scale_factor": (1.0, 1.0)}
-        if task == "segmentation":
-            sample = SegDataSample(metainfo=meta)
-            sample.gt_sem_seg = PixelData(data=torch.randint(0, 5, (1, 64, 64), generator=gen))
-        else:
-            sample = DetDataSample(metainfo=meta)
-            masks = np.zeros((2, 64, 64), np.uint8)
-            top = 4 + 6 * i
-            masks[0, top : top + 20, 6:30], masks[1, 30:60, 20 + i : 50 + i] = 1, 1
-            sample.gt_instances = InstanceData(
-                bboxes=torch.tensor([[6.0, top, 30, top + 20], [20 + i, 30, 50 + i, 60]]),
-                labels=torch.tensor([1, i % 4]),
-                masks=BitmapMasks(masks, 64, 64),
-            )
-        samples.append(sample)
-    return {"inputs": images, "data_samples": samples}
 
 
 def half(batch: dict[str, Any], index: int) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import torch
 from mmengine.config import Config
@@ -42,3 +43,34 @@ def nano_model(task: str, residual: bool = True, stock: bool = False) -> torch.n
         if stock:
             model.type = "MaskRCNN"
     return build_registered(task, model.to_dict())
+
+
+def training_batch(task: str, count: int, seed: int = 7) -> dict[str, Any]:
+    """`count` images with targets, as the mm data preprocessor takes them (deterministic)."""
+    import numpy as np
+    import torch
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.structures import InstanceData, PixelData
+    from mmseg.structures import SegDataSample
+
+    gen = torch.Generator().manual_seed(seed)
+    images = [torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8, generator=gen) for _ in range(count)]
+    samples: list[Any] = []
+    for i in range(count):
+        meta = {"img_shape": (64, 64), "ori_shape": (64, 64), "pad_shape": (64, 64), "scale_factor": (1.0, 1.0)}
+        if task == "segmentation":
+            sample = SegDataSample(metainfo=meta)
+            sample.gt_sem_seg = PixelData(data=torch.randint(0, 5, (1, 64, 64), generator=gen))
+        else:
+            sample = DetDataSample(metainfo=meta)
+            masks = np.zeros((2, 64, 64), np.uint8)
+            top = 4 + 6 * i
+            masks[0, top : top + 20, 6:30], masks[1, 30:60, 20 + i : 50 + i] = 1, 1
+            sample.gt_instances = InstanceData(
+                bboxes=torch.tensor([[6.0, top, 30, top + 20], [20 + i, 30, 50 + i, 60]]),
+                labels=torch.tensor([1, i % 4]),
+                masks=BitmapMasks(masks, 64, 64),
+            )
+        samples.append(sample)
+    return {"inputs": images, "data_samples": samples}

@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from mm_models import NANO, NANO_CHANNELS, nano_model
-from mmdet.structures.mask import BitmapMasks
-from mmengine.structures import InstanceData, PixelData
+from mm_models import NANO, NANO_CHANNELS, nano_model, training_batch
 
 from rmoe_platform.config.experiment import ExperimentConfig
 from rmoe_platform.config.fields import ConfigError
@@ -40,28 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def training_inputs(task: str) -> dict[str, Any]:
-    from mmdet.structures import DetDataSample
-    from mmseg.structures import SegDataSample
-
-    gen = torch.Generator().manual_seed(0)
-    images = [torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8, generator=gen) for _ in range(2)]
-    samples: list[Any] = []
-    for _ in images:
-        meta = {"img_shape": (64, 64), "ori_shape": (64, 64), "pad_shape": (64, 64), "scale_factor": (1.0, 1.0)}
-        if task == "segmentation":
-            sample = SegDataSample(metainfo=meta)
-            sample.gt_sem_seg = PixelData(data=torch.randint(0, 5, (1, 64, 64), generator=gen))
-        else:
-            sample = DetDataSample(metainfo=meta)
-            masks = np.zeros((2, 64, 64), np.uint8)
-            masks[0, 4:24, 6:30], masks[1, 30:60, 20:50] = 1, 1
-            sample.gt_instances = InstanceData(
-                bboxes=torch.tensor([[6.0, 4, 30, 24], [20, 30, 50, 60]]),
-                labels=torch.tensor([1, 3]),
-                masks=BitmapMasks(masks, 64, 64),
-            )
-        samples.append(sample)
-    return {"inputs": images, "data_samples": samples}
+    return training_batch(task, 2, seed=0)
 
 
 def train_step(task: str, model: torch.nn.Module) -> dict[str, Any]:
