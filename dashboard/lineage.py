@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from dashboard.processing import CostUnit, cost_of, latest_pipeline_rows
+from dashboard.processing import CostUnit, cost_of, isnan, latest_pipeline_rows
 
 
 def stage_breakdown(frame: pd.DataFrame, unit: CostUnit) -> pd.DataFrame:
@@ -33,10 +33,18 @@ def stage_breakdown(frame: pd.DataFrame, unit: CostUnit) -> pd.DataFrame:
                     "status": entry.get("status"),
                     "shared": bool(entry.get("shared")),
                     "cost": cost_of(source, unit),
+                    "overhead_hours": _overhead_hours(source),
                 }
             )
     columns = ["experiment", "group", "params", "pipeline", "position", "stage", "run_id", "status", "shared", "cost"]
+    columns.append("overhead_hours")
     return pd.DataFrame(out, columns=columns)
+
+
+def _overhead_hours(row: dict[str, Any]) -> float:
+    """A stage's overhead device-hours (NaN before the cost ledger: that row's cost includes it)."""
+    value = row.get("overhead_device_seconds")
+    return float("nan") if value is None or isnan(value) else float(value) / 3600.0
 
 
 def lineage(frame: pd.DataFrame, run_id: str) -> pd.DataFrame:

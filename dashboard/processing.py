@@ -172,6 +172,14 @@ def costs(frame: pd.DataFrame, unit: CostUnit) -> pd.Series:
     return pd.to_numeric(frame[unit.column], errors="coerce").astype(float) * unit.scale
 
 
+def overhead_hours(frame: pd.DataFrame) -> pd.Series:
+    """Device-hours of overhead (start-up, checkpoints, teardown), reported beside the compared cost and never
+    in it; NaN for rows written before the cost ledger (schema < 3), whose cost still includes it."""
+    if "overhead_device_seconds" not in frame:
+        return pd.Series(math.nan, index=frame.index, dtype=float)
+    return pd.to_numeric(frame["overhead_device_seconds"], errors="coerce").astype(float) / 3600.0
+
+
 def metric_options(frame: pd.DataFrame) -> list[str]:
     """The pipelines' headline metrics first, then every other validation metric their final stages report."""
     pipelines = frame[frame["row_type"] == "pipeline"]
@@ -231,6 +239,7 @@ def overview(frame: pd.DataFrame, metric: str, unit: CostUnit, *, marginal: bool
             "status": rows["status"],
             "metric": rows["value"],
             "cost": costs(rows, unit),
+            "overhead_hours": overhead_hours(rows),
         }
     ).reset_index(drop=True)
     for baseline in ("dense", "moe"):
@@ -308,6 +317,7 @@ def paper_table(points: pd.DataFrame, metric: str, unit: CostUnit) -> pd.DataFra
             metric: points["metric"],
             f"cost ({unit.label})": points["cost"],
             f"marginal cost ({unit.label})": points["marginal_cost"],
+            "overhead (device-hours)": points["overhead_hours"],
             "Δ vs dense": points["delta_vs_dense"],
             "cost ÷ MoE": points["cost_over_moe"],
             "Pareto": points["pareto"],

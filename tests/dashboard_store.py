@@ -321,3 +321,26 @@ def write_malformed_store(root: Path) -> Path:
     old = pa.table({"row_type": ["pipeline"], "experiment": ["exp-old"], "pipeline": ["dense"], "run_id": ["old-1"]})
     pq.write_table(old, store / "part-000-old-schema.parquet")
     return store
+
+
+# The columns the cost ledger added (results schema 3); a store written before has none of them.
+LEDGER_COLUMNS = ("overhead_device_seconds", "achieved_flops_per_second", "mfu", "device_model", "ledger")
+
+
+def write_pre_ledger_store(root: Path) -> Path:
+    """The full store's rows as a schema-2 writer wrote them: without the ledger's columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rmoe_platform.results.store import SCHEMA, normalize_row
+
+    ckpt = write_checkpoints(root / "checkpoints")
+    schema = pa.schema([f for f in SCHEMA if f.name not in LEDGER_COLUMNS])
+    rows = []
+    for row in full_rows(ckpt):
+        record = {k: v for k, v in normalize_row(row).items() if k not in LEDGER_COLUMNS}
+        rows.append({**record, "schema_version": 2})
+    store = root / "results"
+    store.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), store / "part-old.parquet")
+    return store

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-from dashboard_store import FAILED_ERROR, full_rows, write_checkpoints, write_full_store, write_malformed_store
+from dashboard_store import (
+    FAILED_ERROR,
+    full_rows,
+    write_checkpoints,
+    write_full_store,
+    write_malformed_store,
+    write_pre_ledger_store,
+)
 from streamlit.testing.v1 import AppTest
 
 from dashboard import data
@@ -218,3 +225,14 @@ def test_an_unexpected_page_error_is_a_message(full_store: Path, open_app, monke
     app = visit(open_app(str(full_store)), "pipelines")
     assert not app.exception
     assert app.error[0].value == "This page could not be drawn: RuntimeError: synthetic failure"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_a_store_from_before_the_cost_ledger_shows_on_every_page(tmp_path: Path, open_app, page: str) -> None:
+    """Schema-2 rows (no overhead, utilisation or ledger columns) load on every page; the overhead column of
+    the paper's table is empty for them."""
+    app = visit(open_app(str(write_pre_ledger_store(tmp_path))), page)
+    assert_clean(app)
+    if page == "overview":
+        table = app.dataframe[0].value
+        assert "overhead (device-hours)" in table.columns and table["overhead (device-hours)"].isna().all()

@@ -161,8 +161,24 @@ def test_smoke_preset_runs_all_pipelines_end_to_end(smoke_run) -> None:
     assert by_name["rmoe_i"]["marginal_flops"] == pytest.approx(by_name["rmoe_i"]["flops"] - by_name["dense"]["flops"])
     assert all(row["status"] == "succeeded" and row["checkpoint_uri"] for row in stages)
     assert all(0 <= row["metric"] <= 1 for row in pipelines)
+    for row in stages:  # the cost ledger: compared cost is compute only, overhead beside it
+        ledger = json.loads(row["ledger"])
+        assert sum(ledger.values()) == pytest.approx(row["wall_seconds"], rel=1e-3)
+        compute = ledger["train_seconds"] + ledger["eval_seconds"]
+        assert row["device_seconds"] == pytest.approx(compute * row["num_workers"], rel=1e-3)
+        assert row["overhead_device_seconds"] == pytest.approx(
+            (row["wall_seconds"] - compute) * row["num_workers"], rel=1e-3
+        )
+        assert row["overhead_device_seconds"] > 0 and row["device_model"] == "cpu" and row["mfu"] > 0
+    assert by_name["rmoe_i"]["overhead_device_seconds"] == pytest.approx(
+        sum(
+            s["overhead_device_seconds"]
+            for s in stages
+            if s["stage"] in ("upstream_dense", "rmoe_i/residual", "rmoe_i/downstream")
+        )
+    )
     text = format_report(report)
-    assert "Δ vs dense" in text and "rmoe_i" in text
+    assert "Δ vs dense" in text and "rmoe_i" in text and "overhead-s" in text
 
 
 @pytest.mark.slow

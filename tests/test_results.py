@@ -50,3 +50,21 @@ def test_unknown_columns_are_rejected_and_nothing_written(tmp_path: Path) -> Non
 def test_empty_or_missing_store_reads_as_empty(tmp_path: Path) -> None:
     result = ResultsStore(str(tmp_path / "nothing-here")).read()
     assert result.table.num_rows == 0 and not result.skipped
+
+
+def test_rows_from_before_the_cost_ledger_load_in_the_runner_and_the_sweep_report(tmp_path: Path) -> None:
+    from dashboard_store import LEDGER_COLUMNS, write_pre_ledger_store
+
+    from rmoe_platform.results.rows import row_cost
+    from rmoe_platform.sweep.report import format_tables, trial_rows
+
+    rows = ResultsStore(str(write_pre_ledger_store(tmp_path))).read().table.to_pylist()
+    assert rows and all(row["schema_version"] == 2 for row in rows)
+    assert all(row[column] is None for row in rows for column in LEDGER_COLUMNS)
+    for row in rows:  # the runner reads a cached stage's cost this way
+        cost = row_cost(row)
+        assert cost.overhead_device_seconds == 0.0 and cost.device_seconds == (row["device_seconds"] or 0.0)
+    trials = trial_rows(rows, "sw-1")
+    assert trials
+    text = format_tables(trials, "dollars", "accuracy", None)
+    assert text.startswith(f"{len(trials)} trial(s)") and "(no finished trial)" not in text

@@ -26,7 +26,9 @@ chart = charts.overview_chart(view.points, view.references, metric=ctx.metric, c
 st.altair_chart(chart, width="stretch")
 st.caption(
     "Frontier: the runs no other run beats on both cost and metric. Dashed lines: dense (lower bound) and "
-    "MoE (upper bound) baselines. Shared stages are charged in full to every pipeline that uses them."
+    "MoE (upper bound) baselines. Shared stages are charged in full to every pipeline that uses them. Cost is "
+    "compute (training + evaluation) only; start-up, checkpoint and teardown overhead is the table's own column "
+    "(empty for runs recorded before the cost ledger, whose cost includes it)."
 )
 st.subheader("Comparison with the baselines")
 ui.table(processing.paper_table(view.points, ctx.metric, ctx.unit), "overview", caption="this table")

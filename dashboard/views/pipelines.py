@@ -15,7 +15,10 @@ labels = {g: " · ".join(p for p in g.split("|") if p) for g in groups}
 group = st.selectbox("Experiment run", groups, format_func=labels.__getitem__, key="pipelines_group")
 chosen = breakdown[breakdown["group"] == group]
 st.altair_chart(charts.stage_bars(chosen, f"training cost ({ctx.unit.label})"), width="stretch")
-st.caption("Lighter bars: stages shared by several pipelines (trained once, charged in full to each).")
+st.caption(
+    "Lighter bars: stages shared by several pipelines (trained once, charged in full to each). Bars are compute "
+    "cost; overhead_hours is each stage's start-up, checkpoint and teardown time x devices, apart from it."
+)
 ui.table(chosen.drop(columns=["group"]), "stage-costs", caption="stage costs")
 st.subheader("Lineage")
 st.graphviz_chart(lineage.lineage_dot(chosen))

@@ -27,6 +27,21 @@ def parser(default_config: Path | None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--pipelines", help=f"comma-separated subset of {','.join(PIPELINES)}")
     parser.add_argument("--results", help="results store: a local path or s3://bucket/prefix")
+    parser.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print each pipeline's projected training cost (FLOPs, device-hours, GPU-days, dollars) and exit: "
+        "nothing is trained, Ray is not started",
+    )
+    parser.add_argument(
+        "--device", help="with --estimate: the device table's device (default: h100 for GPU configs, else cpu)"
+    )
+    parser.add_argument(
+        "--calibrate-from",
+        metavar="RESULTS",
+        help="with --estimate: use the model FLOP utilisation measured on the device by the stages of this "
+        "results store (a local path or s3://…) instead of the assumed one",
+    )
     return parser
 
 
@@ -41,6 +56,11 @@ def load_experiment(args: argparse.Namespace) -> ExperimentConfig:
 
 def main(argv: list[str], default_config: Path | None = None) -> int:
     args = parser(default_config).parse_args(argv)
+    if (args.device or args.calibrate_from) and not args.estimate:
+        print("error: --device and --calibrate-from go with --estimate", file=sys.stderr)
+        return 2
+    if args.estimate:
+        return print_estimate(args)
     try:
         exp = load_experiment(args)
         from rmoe_platform.pipelines.report import format_report
@@ -66,3 +86,32 @@ def main(argv: list[str], default_config: Path | None = None) -> int:
     print(format_report(report))
     print(f"\nwall time {time.perf_counter() - started:.0f} s; results in {exp.results}")
     return 0 if report.ok else 1
+
+
+def print_estimate(args: argparse.Namespace) -> int:
+    """`--estimate`: the projection of every pipeline's cost, from the config alone (no Ray, no training)."""
+    try:
+        exp = load_experiment(args)
+        from rmoe_platform.cost.devices import DEVICES, device_table
+        from rmoe_platform.cost.estimate import default_device, estimate, measured_utilisation
+        from rmoe_platform.cost.tables import format_estimate
+
+        measured = None
+        if args.calibrate_from:
+            from rmoe_platform.results import ResultsStore
+            from rmoe_platform.storage.s3 import S3Access
+
+            device = args.device or default_device(exp)
+            store = ResultsStore(args.calibrate_from, s3=S3Access.resolve(exp.s3))
+            measured = measured_utilisation(store.read().table.to_pylist(), device)
+            if not measured:
+                known = ", ".join(sorted(set(DEVICES) | set(device_table(exp.devices))))
+                raise ConfigError(
+                    f"--calibrate-from: no stage in {args.calibrate_from!r} measured a utilisation on {device!r} "
+                    f"(devices: {known})"
+                )
+        print(format_estimate(estimate(exp, args.device, measured)))
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -158,6 +158,8 @@ class ExperimentConfig:
     results: str = "./runs/results"
     s3: S3Options = field(default_factory=S3Options)
     prices: dict[str, float] = field(default_factory=lambda: {"cpu": 0.05, "gpu": 2.5})
+    # the device table's overrides (peaks, assumed MFU, price per device: `cost.devices`), e.g. {h100: {mfu: 0.5}}
+    devices: dict[str, dict[str, float | str]] = field(default_factory=dict)
     seed: int = 0
     precision: str = "auto"  # every phase's training precision unless the phase sets its own (PRECISIONS)
 
@@ -180,6 +182,9 @@ class ExperimentConfig:
             self.moe.num_experts % ep == 0,
             f"moe.num_experts: {self.moe.num_experts} experts cannot be sharded over expert_parallel_size={ep}",
         )
+        from rmoe_platform.cost.devices import device_table
+
+        device_table(self.devices)  # raises on a bad override, naming the device and field
         for kind in {self.scaling.device_kind, (self.moe_scaling or self.scaling).device_kind}:
             check(kind in self.prices, f"prices: no price for device kind {kind!r}")
 

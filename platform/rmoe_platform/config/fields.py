@@ -53,7 +53,18 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        return _float_text(value)
     return value
+
+
+def _float_text(value: str) -> float | str:
+    """A number YAML 1.1 reads as text (`1e-3`, `4.0e14`: an exponent without a sign) as the float it
+    spells; any other text stays as it is, for the field's own check to refuse."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

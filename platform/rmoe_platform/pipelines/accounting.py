@@ -9,15 +9,19 @@ from dataclasses import dataclass
 from typing import Any
 
 SECONDS_PER_DAY = 86_400.0
-_FIELDS = ("flops", "device_seconds", "gpu_seconds", "dollars")
+_FIELDS = ("flops", "device_seconds", "gpu_seconds", "dollars", "overhead_device_seconds")
 
 
 @dataclass(frozen=True)
 class Cost:
+    """The compared cost (FLOPs, compute device-seconds, GPU-seconds and dollars of compute) and, beside it,
+    never in it, the device-seconds of overhead (start-up, checkpoints, teardown)."""
+
     flops: float = 0.0
     device_seconds: float = 0.0
     gpu_seconds: float = 0.0
     dollars: float = 0.0
+    overhead_device_seconds: float = 0.0
 
     @property
     def gpu_days(self) -> float:
@@ -36,28 +40,26 @@ class Cost:
         return cls(**{name: float(fields.get(f"{prefix}{name}", 0.0)) for name in _FIELDS})
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(
-            self.flops + other.flops,
-            self.device_seconds + other.device_seconds,
-            self.gpu_seconds + other.gpu_seconds,
-            self.dollars + other.dollars,
-        )
+        return Cost(*(getattr(self, name) + getattr(other, name) for name in _FIELDS))
 
     def __sub__(self, other: Cost) -> Cost:
-        return Cost(
-            self.flops - other.flops,
-            self.device_seconds - other.device_seconds,
-            self.gpu_seconds - other.gpu_seconds,
-            self.dollars - other.dollars,
-        )
+        return Cost(*(getattr(self, name) - getattr(other, name) for name in _FIELDS))
 
 
-def stage_cost(flops: float, device_seconds: float, device_kind: str, prices: Mapping[str, float]) -> Cost:
-    """Price `device_seconds` of `device_kind` at `prices[device_kind]` dollars per device-hour."""
+def stage_cost(
+    flops: float,
+    device_seconds: float,
+    device_kind: str,
+    prices: Mapping[str, float],
+    overhead_device_seconds: float = 0.0,
+) -> Cost:
+    """Price `device_seconds` of compute on `device_kind` at `prices[device_kind]` dollars per device-hour;
+    the overhead is carried beside it, unpriced."""
     if device_kind not in prices:
         raise ValueError(f"prices: no price for device kind {device_kind!r}")
     gpu_seconds = device_seconds if device_kind == "gpu" else 0.0
-    return Cost(flops, device_seconds, gpu_seconds, device_seconds / 3600.0 * prices[device_kind])
+    dollars = device_seconds / 3600.0 * prices[device_kind]
+    return Cost(flops, device_seconds, gpu_seconds, dollars, overhead_device_seconds)
 
 
 def declared_cost(gpu_days: float, dollars: float | None, flops: float, prices: Mapping[str, float]) -> Cost:

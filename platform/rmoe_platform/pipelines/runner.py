@@ -13,6 +13,7 @@ from typing import Any
 from rmoe_platform import storage
 from rmoe_platform.config.experiment import ExperimentConfig
 from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.cost.ledger import StageLedger
 from rmoe_platform.datasets.checks import DatasetCheck, check_dataset, ensure_dataset
 from rmoe_platform.datasets.format import DatasetCard
 from rmoe_platform.pipelines.accounting import Cost, same_cost, stage_cost, total
@@ -145,12 +146,20 @@ class ExperimentRunner:
             self.store.append([self._stage_row(outcome, None, pipelines, parent, started, traceback.format_exc())])
             self.log(f"[{node.key}] FAILED: {outcome.error}")
             return outcome
-        cost = stage_cost(result.cost.train_flops, result.cost.device_seconds, result.cost.device_kind, self.exp.prices)
+        measured = result.cost
+        cost = stage_cost(
+            measured.train_flops,
+            measured.device_seconds,
+            measured.device_kind,
+            self.exp.prices,
+            measured.overhead_device_seconds,
+        )
         outcome = StageOutcome(node, "succeeded", run_id, cost, result.metric, result.checkpoint_uri)
         self.store.append([self._stage_row(outcome, result, pipelines, parent, started, None)])
         self.log(
-            f"[{node.key}] done in {result.cost.wall_seconds:.0f} s: {result.metric_name} {fmt(outcome.metric)}, "
-            f"{cost.flops:.3g} FLOPs, {cost.device_seconds:.0f} device-s"
+            f"[{node.key}] done in {measured.wall_seconds:.0f} s: {result.metric_name} {fmt(outcome.metric)}, "
+            f"{cost.flops:.3g} FLOPs, {cost.device_seconds:.0f} device-s compute + "
+            f"{cost.overhead_device_seconds:.0f} overhead ({_parts(measured.ledger)})"
         )
         return outcome
 
@@ -220,6 +229,10 @@ class ExperimentRunner:
 def _leads_to(node: StageNode, keys: set[str], stages: list[StageNode]) -> bool:
     """Whether `node` is one of `keys` or an ancestor of one of them within its pipeline."""
     return any(s.key in keys and node in s.lineage for s in stages)
+
+
+def _parts(ledger: StageLedger) -> str:
+    return ", ".join(f"{name} {seconds:.0f}" for name, seconds in ledger.parts().items() if round(seconds))
 
 
 def _split_sizes(card: DatasetCard) -> str:

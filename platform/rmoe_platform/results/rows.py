@@ -85,6 +85,10 @@ def stage_row(
         "device_kind": config.scaling.device_kind,
         "num_workers": config.scaling.num_workers,
         "wall_seconds": result.cost.wall_seconds if result else None,
+        "achieved_flops_per_second": result.cost.achieved_flops_per_second if result else None,
+        "mfu": result.cost.mfu if result else None,
+        "device_model": result.cost.device_model if result else None,
+        "ledger": result.cost.ledger.as_row() if result else None,
         "telemetry": {k: v for k, v in metrics.items() if k.startswith("moe/") or k == "precision"},
         "history": metrics.get("history"),
         "config": {"imported": core.describe(), "model": config.to_dict()["model"]} if core else config.to_dict(),
@@ -111,6 +115,7 @@ def pipeline_row(
             "imported": s.node.imported is not None,
             "flops": s.cost.flops,
             "device_seconds": s.cost.device_seconds,
+            "overhead_device_seconds": s.cost.overhead_device_seconds,
             "dollars": s.cost.dollars,
         }
         for s in summary.stages
@@ -181,6 +186,7 @@ def row_cost(row: dict[str, Any]) -> Cost:
         device_seconds=row["device_seconds"] or 0.0,
         gpu_seconds=(row["gpu_days"] or 0.0) * SECONDS_PER_DAY,
         dollars=row["dollars"] or 0.0,
+        overhead_device_seconds=row.get("overhead_device_seconds") or 0.0,
     )
 
 
@@ -190,6 +196,7 @@ def _cost_columns(cost: Cost) -> dict[str, float]:
         "device_seconds": cost.device_seconds,
         "gpu_days": cost.gpu_days,
         "dollars": cost.dollars,
+        "overhead_device_seconds": cost.overhead_device_seconds,
     }
 
 

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from rmoe_platform import storage
 from rmoe_platform.storage.s3 import S3Access
 
-SCHEMA_VERSION = 2  # 2: predictions_uri
+SCHEMA_VERSION = 3  # 2: predictions_uri; 3: the cost ledger (device_seconds = compute only, overhead apart)
 
 SCHEMA = pa.schema(
     [
@@ -60,7 +60,12 @@ SCHEMA = pa.schema(
         ("device_kind", pa.string()),
         ("num_workers", pa.int32()),
         ("wall_seconds", pa.float64()),
-        ("device_seconds", pa.float64()),
+        ("device_seconds", pa.float64()),  # compute (training + evaluation) x devices: the compared cost
+        ("overhead_device_seconds", pa.float64()),  # start, setup, ingest start, checkpoints, teardown x devices
+        ("achieved_flops_per_second", pa.float64()),  # training FLOPs / training time, all devices together
+        ("mfu", pa.float64()),  # achieved / (device peak in the stage's precision x devices), known devices only
+        ("device_model", pa.string()),  # the device table's key of what a stage ran on (cpu, h100, a100, l4)
+        ("ledger", pa.string()),  # JSON: wall seconds per part (start, setup, ingest_start, train, eval, …)
         ("gpu_days", pa.float64()),
         ("dollars", pa.float64()),
         ("marginal_flops", pa.float64()),
@@ -144,7 +149,7 @@ def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"results: unknown column(s) {', '.join(unknown)}")
     out = {name: row.get(name) for name in SCHEMA.names}
     out["schema_version"] = SCHEMA_VERSION
-    for key in ("telemetry", "config", "metrics", "history", "params"):
+    for key in ("telemetry", "config", "metrics", "history", "params", "ledger"):
         if out[key] is not None and not isinstance(out[key], str):
             out[key] = json.dumps(out[key], sort_keys=True, default=str)
     return out

@@ -19,12 +19,13 @@ from rmoe_platform import storage
 from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.datasets.checks import check_dataset, ensure_dataset
+from rmoe_platform.datasets.format import DataFacts
 from rmoe_platform.datasets.ingest import OpenDataset
 from rmoe_platform.stage.worker.checkpoints import checkpoint_spec
 from rmoe_platform.stage.worker.model import build_stage_model, model_dir
 from rmoe_platform.stage.worker.trainable import apply_trainable
 from rmoe_platform.storage.s3 import S3Access
-from rmoe_platform.tasks import task_for
+from rmoe_platform.tasks import StageTask, task_for
 from rmoe_platform.tasks.classification import without_classes
 
 
@@ -62,10 +63,6 @@ def prepare_stage(config: StageConfig, access: S3Access | None = None) -> Prepar
         raise ConfigError(
             f"stage.data.uri: a {config.task} stage needs {config.task} data; {config.data.uri!r} is {checked.task}"
         )
-    try:
-        task = task_for(config.task, checked.facts)
-    except ImportError as err:
-        raise ConfigError(f"stage.task: {err}") from None
     config = _resolve_classes(config, checked.num_classes)
     if config.batch_size > checked.num_train:
         raise ConfigError(
@@ -75,20 +72,33 @@ def prepare_stage(config: StageConfig, access: S3Access | None = None) -> Prepar
     with tempfile.TemporaryDirectory() as tmp:
         parent = _fetch_parent_spec(parent_uri, Path(tmp), access) if parent_uri else None
         head_reinitialized = _new_head(config, parent)
-        try:
-            trunk, _ = build_stage_model(without_classes(config), parent=parent, load=False)
-            config = _resolve_img_size(config, trunk, strict=config.task == "classification")
-            model, spec = task.build(config, parent=parent, load=False)
-        except ValueError as err:
-            raise ConfigError(f"stage.model: {err}") from None
-    try:
-        apply_trainable(model, config.trainable, freeze_core=spec.moe.freeze_core if spec.moe else True)
-    except ValueError as err:
-        raise ConfigError(f"stage.{err}") from None
+        config, model, task = build_sized_model(config, checked.facts, parent=parent)
     _check_expert_parallel(config, model)
     flops = task.train_flops_per_sample(model, config)
     dataset = ensure_dataset(config.data, access, "stage.data", checked)  # written only once all else is valid
     return PreparedStage(config, parent_uri, flops, dataset, access, task.metric_name, head_reinitialized)
+
+
+def build_sized_model(
+    config: StageConfig, facts: DataFacts, *, parent: Path | None
+) -> tuple[StageConfig, nn.Module, StageTask]:
+    """The stage's model as a run builds it (weights not loaded), its trainable set applied, and the config
+    with `data.img_size` resolved: what validation checks and what the cost is computed from."""
+    try:
+        task = task_for(config.task, facts)
+    except ImportError as err:
+        raise ConfigError(f"stage.task: {err}") from None
+    try:
+        trunk, _ = build_stage_model(without_classes(config), parent=parent, load=False)
+        config = _resolve_img_size(config, trunk, strict=config.task == "classification")
+        model, spec = task.build(config, parent=parent, load=False)
+    except ValueError as err:
+        raise ConfigError(f"stage.model: {err}") from None
+    try:
+        apply_trainable(model, config.trainable, freeze_core=spec.moe.freeze_core if spec.moe else True)
+    except ValueError as err:
+        raise ConfigError(f"stage.{err}") from None
+    return config, model, task
 
 
 def _new_head(config: StageConfig, parent: Path | None) -> bool | None:

@@ -20,9 +20,11 @@ from ray.train.v2.api.callback import UserCallback
 from rmoe_platform import storage
 from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.config.stage import StageConfig
+from rmoe_platform.cost.devices import DEVICES
+from rmoe_platform.cost.ledger import StageLedger, pop_ledger
 from rmoe_platform.stage.data import stage_data
 from rmoe_platform.stage.payload import WorkerPayload
-from rmoe_platform.stage.prepare import PreparedStage, prepare_stage
+from rmoe_platform.stage.prepare import prepare_stage
 from rmoe_platform.stage.worker.checkpoints import STATE_FILE
 from rmoe_platform.stage.worker.loop import train_stage_worker
 from rmoe_platform.storage.s3 import S3Access
@@ -31,18 +33,49 @@ from rmoe_platform.tasks.base import PREDICTIONS_DIR, PREDICTIONS_EXPORTED
 
 @dataclass(frozen=True)
 class StageCost:
-    """What a stage cost: measured device-seconds and analytic FLOPs of the samples it trained on."""
+    """What a stage cost: its measured ledger (where the wall time went; compute is compared, overhead
+    reported beside it) and the analytic FLOPs of the samples it trained on."""
 
     device_kind: str
-    num_workers: int
-    wall_seconds: float
-    device_seconds: float
+    device_model: str  # the device table's key of what it ran on ("cpu", "h100", …), or torch's name if unknown
+    precision: str
+    ledger: StageLedger
     train_flops_per_sample: float
     samples: int
 
     @property
+    def num_workers(self) -> int:
+        return self.ledger.num_devices
+
+    @property
+    def wall_seconds(self) -> float:
+        return self.ledger.wall_seconds
+
+    @property
+    def device_seconds(self) -> float:
+        """The compared cost: compute (training + evaluation) time × devices."""
+        return self.ledger.compute_device_seconds
+
+    @property
+    def overhead_device_seconds(self) -> float:
+        return self.ledger.overhead_device_seconds
+
+    @property
     def train_flops(self) -> float:
         return self.train_flops_per_sample * self.samples
+
+    @property
+    def achieved_flops_per_second(self) -> float | None:
+        return self.ledger.achieved_flops_per_second(self.train_flops)
+
+    @property
+    def mfu(self) -> float | None:
+        """Model FLOP utilisation: achieved FLOP/s ÷ (the device's peak in the stage's precision × devices),
+        on a device the table knows (None elsewhere)."""
+        achieved, spec = self.achieved_flops_per_second, DEVICES.get(self.device_model)
+        if achieved is None or spec is None:
+            return None
+        return achieved / (spec.peak(self.precision) * self.num_workers)
 
 
 @dataclass(frozen=True)
@@ -106,7 +139,7 @@ def run_stage(
             datasets=data.datasets,
             dataset_config=_ingest_config(),
         )
-        started = time.perf_counter()
+        fit_started_at = time.time()
         try:
             result = trainer.fit()
         except Exception as err:
@@ -114,14 +147,22 @@ def run_stage(
             if failure is None:
                 raise
             raise failure from err
-        wall = time.perf_counter() - started
+        fit_ended_at = time.time()
         skipped = data.skipped_rows()
     finally:
         data.close()
     metrics = dict(result.metrics or {})
     metrics.update({f"data/skipped_{split}": count for split, count in skipped.items()})
     checkpoint_uri = _checkpoint_uri(config.storage, result.checkpoint.path) if result.checkpoint else None
-    cost = _measured_cost(prepared, wall, int(metrics.get("samples", 0)))
+    ledger = StageLedger.measure(pop_ledger(metrics), fit_started_at, fit_ended_at, config.scaling.num_workers)
+    cost = StageCost(
+        device_kind=config.scaling.device_kind,
+        device_model=str(metrics.get("device_model", config.scaling.device_kind)),
+        precision=str(metrics.get("precision", "fp32")),
+        ledger=ledger,
+        train_flops_per_sample=prepared.train_flops_per_sample,
+        samples=int(metrics.get("samples", 0)),
+    )
     return StageResult(
         config.name,
         run_name,
@@ -131,18 +172,6 @@ def run_stage(
         prepared.total_steps,
         prepared.metric_name,
         prepared.head_reinitialized,
-    )
-
-
-def _measured_cost(prepared: PreparedStage, wall_seconds: float, samples: int) -> StageCost:
-    scaling = prepared.config.scaling
-    return StageCost(
-        device_kind=scaling.device_kind,
-        num_workers=scaling.num_workers,
-        wall_seconds=wall_seconds,
-        device_seconds=wall_seconds * scaling.num_workers,
-        train_flops_per_sample=prepared.train_flops_per_sample,
-        samples=samples,
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from rmoe_platform.cost.ledger import COMPUTE_PARTS, LEDGER_PREFIX
 from rmoe_platform.pipelines.accounting import Cost
 from rmoe_platform.pipelines.graph import StageNode
 from rmoe_platform.pipelines.outcomes import SweepTrial
@@ -46,9 +47,14 @@ class EvaluationReporter(TuneReportCallback):
                 "stage": self._stage,
                 "step": latest.get("step"),
                 **self._prior.as_fields(PRIOR_COST_PREFIX),
-                "stage_device_seconds": float(latest.get("train_seconds", 0.0)) * self._num_workers,
+                "stage_device_seconds": compute_seconds(latest) * self._num_workers,
             }
         )
+
+
+def compute_seconds(metrics: dict[str, Any]) -> float:
+    """A report's training + evaluation time so far (the compared cost of the stage it is in)."""
+    return sum(float(metrics.get(f"{LEDGER_PREFIX}{part}", 0.0)) for part in COMPUTE_PARTS)
 
 
 def run_trial(config: dict[str, Any], plan: SweepPlan) -> None:

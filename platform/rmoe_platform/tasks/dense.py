@@ -134,12 +134,18 @@ class DenseTask(StageTask):
         """The trunk analytically (as for classification: MoE routing, frozen parts), plus the feature
         pyramid, neck and heads measured with torch's FLOP counter on one image (x3 for forward and
         backward; Mask R-CNN's RoI heads measured at the test-time proposal count)."""
-        trunk = rmoe_cost.flops_per_image(self.trunk(model))
         size = config.data.img_size
         assert size is not None
-        return trunk.forward + trunk.backward + 3.0 * self._head_forward_flops(model, size)
+        return self.trunk_train_flops(model) + 3.0 * self.head_forward_flops(model, size)
 
-    def _head_forward_flops(self, model: nn.Module, size: int) -> float:
+    def trunk_train_flops(self, model: nn.Module) -> float:
+        """Forward + backward FLOPs of the trunk, analytically (shapes only: a model on the meta device does)."""
+        trunk = rmoe_cost.flops_per_image(self.trunk(model))
+        return trunk.forward + trunk.backward
+
+    def head_forward_flops(self, model: nn.Module, size: int) -> float:
+        """Forward FLOPs of one image through the pyramid, neck and heads, measured (a model with weights:
+        Mask R-CNN's proposals come from its RPN). The same for a dense and an MoE trunk of one arch."""
         was_training = model.training
         model.eval()
         image = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)

@@ -8,7 +8,15 @@ from typing import Any
 from rmoe_platform.stage.worker.checkpoints import TrainProgress
 
 HISTORY_LIMIT = 500  # records of a stage's history in its results row (paper-scale runs stay small)
-_NOT_IN_HISTORY = ("history", "final", "world_size", "resumed_from_step", "precision", "predictions_exported")
+_NOT_IN_HISTORY = (
+    "history",
+    "final",
+    "world_size",
+    "resumed_from_step",
+    "precision",
+    "device_model",
+    "predictions_exported",
+)
 
 
 def record_history(progress: TrainProgress, metrics: dict[str, Any], *, final: bool) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,8 @@ import rmoe
 from rmoe import ModelSpec
 from rmoe.telemetry import MoEAuxSummary
 from rmoe_platform.config.stage import StageConfig
+from rmoe_platform.cost.devices import identify
+from rmoe_platform.cost.ledger import LapClock
 from rmoe_platform.stage.payload import WorkerPayload
 from rmoe_platform.stage.worker import collectives
 from rmoe_platform.stage.worker.checkpoints import TrainProgress, restore_training_state, save_training_checkpoint
@@ -48,6 +49,7 @@ class WorkerContext:
     scaler: torch.amp.GradScaler | None
     rank: int
     world: int
+    clock: LapClock  # where this worker's time goes (the stage's cost ledger)
     initial: dict[str, float] = field(default_factory=dict)  # validation before training, if asked
 
 
@@ -64,19 +66,22 @@ class StepStats:
 
 def train_stage_worker(loop_config: dict[str, Any]) -> None:
     """Build (or resume) the model, parallelize it, train to the budget, evaluate, checkpoint, report."""
+    clock = LapClock()
     payload = WorkerPayload.from_loop_config(loop_config)
     config, access, total_steps = payload.config, payload.s3, payload.total_steps
     # torch marks the autograd-aware collectives deprecated (see expert_parallel); say so once per worker.
     warnings.filterwarnings("once", message="torch.distributed.nn.functional", category=FutureWarning)
     with tempfile.TemporaryDirectory() as tmp:
         resume_dir = _resume_dir(payload.resume_from, Path(tmp), access)
-        ctx = _setup(payload, resume_dir)
+        ctx = _setup(payload, resume_dir, clock)
         progress, resumed_from = _resume(ctx, resume_dir)
     train_shard = ray.train.get_dataset_shard("train")
-    started = time.perf_counter()
+    clock.lap("setup")
     last: StepStats | None = None
     if config.evaluate_at_start and progress.step == 0:
         ctx.initial = {f"initial/{name}": value for name, value in validate(ctx).items()}
+        _settle(ctx)
+        clock.lap("eval")
     shuffle_buffer = config.data.shuffle_buffer
     if shuffle_buffer is None:
         shuffle_buffer = 8 * config.local_batch_size
@@ -90,7 +95,10 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
             local_shuffle_seed=config.seed * 100_003 + progress.epoch if shuffle_buffer else None,
             pin_memory=ctx.device.type == "cuda",
         )
+        clock.lap("train")
         for batch in batches:
+            if progress.step == epoch_start_step:
+                clock.lap("ingest_start")  # the wait for an epoch's first batch: Ray Data starting its pipeline
             if progress.step >= total_steps:
                 break
             _maybe_inject_fault(config, ctx.rank, progress.step)
@@ -98,9 +106,9 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
             progress.step += 1
             progress.samples += config.batch_size
             if _checkpoint_due(config, progress.step, total_steps):
-                _report(ctx, progress, last, resumed_from, started, checkpoint=True)
+                _report(ctx, progress, last, resumed_from, checkpoint=True)
             elif progress.step % config.log_every == 0:
-                _report(ctx, progress, last, resumed_from, started, checkpoint=False)
+                _report(ctx, progress, last, resumed_from, checkpoint=False)
         else:
             if progress.step == epoch_start_step:
                 raise RuntimeError(
@@ -109,8 +117,8 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
                 )
             progress.epoch += 1
             if _epoch_checkpoint_due(config, progress.epoch) and progress.step < total_steps:
-                _report(ctx, progress, last, resumed_from, started, checkpoint=True, evaluate=True)
-    _report(ctx, progress, last, resumed_from, started, checkpoint=True, evaluate=True, final=True)
+                _report(ctx, progress, last, resumed_from, checkpoint=True, evaluate=True)
+    _report(ctx, progress, last, resumed_from, checkpoint=True, evaluate=True, final=True)
 
 
 def _resume_dir(resume_uri: str | None, tmp: Path, access: S3Access) -> Path | None:
@@ -124,7 +132,7 @@ def _resume_dir(resume_uri: str | None, tmp: Path, access: S3Access) -> Path | N
     return None
 
 
-def _setup(payload: WorkerPayload, resume_dir: Path | None) -> WorkerContext:
+def _setup(payload: WorkerPayload, resume_dir: Path | None, clock: LapClock) -> WorkerContext:
     config, total_steps = payload.config, payload.total_steps
     torch.manual_seed(config.seed)
     device = ray.train.torch.get_device() if config.scaling.use_gpu else torch.device("cpu")
@@ -157,6 +165,7 @@ def _setup(payload: WorkerPayload, resume_dir: Path | None) -> WorkerContext:
         precision.grad_scaler(),
         collectives.rank(),
         collectives.world_size(),
+        clock,
     )
 
 
@@ -232,31 +241,37 @@ def _report(
     progress: TrainProgress,
     last: StepStats | None,
     resumed_from: int | None,
-    started: float,
     *,
     checkpoint: bool,
     evaluate: bool = False,
     final: bool = False,
 ) -> None:
     """Every worker reports (a Ray Train sync point); rank 0 attaches the checkpoint. The final validation
-    writes its predictions into the final checkpoint (`PREDICTIONS_DIR`), for the tasks that export them."""
+    writes its predictions into the final checkpoint (`PREDICTIONS_DIR`), for the tasks that export them.
+    The time since the last lap was training; a plain report counts as training too (the loop's logging),
+    validation as eval, writing and reporting a checkpoint as checkpoint."""
+    _settle(ctx)
+    ctx.clock.lap("train")
     metrics: dict[str, Any] = {**ctx.initial, **_step_metrics(ctx, last)}
     metrics.update({"step": progress.step, "epoch": progress.epoch, "samples": progress.samples})
     metrics.update(
         {"resumed_from_step": -1 if resumed_from is None else resumed_from, "final": final, "world_size": ctx.world}
     )
     metrics["precision"] = ctx.precision.name
-    metrics["train_seconds"] = time.perf_counter() - started
+    metrics["device_model"] = device_model(ctx.device)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         if evaluate:
             metrics.update(validate(ctx, export=directory / PREDICTIONS_DIR if final else None))
+            _settle(ctx)
+            ctx.clock.lap("eval")
         metrics.update(residual_telemetry(ctx))
         record_history(progress, metrics, final=final)
         if final:
             metrics["history"] = progress.history
         if not checkpoint:
-            ray.train.report(metrics)
+            ray.train.report({**metrics, **ctx.clock.report()})
+            ctx.clock.lap("train")
             return
         save_training_checkpoint(
             directory,
@@ -269,7 +284,26 @@ def _report(
             metadata=ctx.task.checkpoint_metadata(ctx.config),
         )
         attached = ray.train.Checkpoint.from_directory(tmp) if ctx.rank == 0 else None
+        ctx.clock.lap("checkpoint")
+        # the final report's upload lands in the driver's teardown: this worker's part ends as it starts
+        metrics.update(ctx.clock.report())
         ray.train.report(metrics, checkpoint=attached, checkpoint_dir_name=f"checkpoint_{progress.step:08d}")
+        ctx.clock.lap("checkpoint")
+
+
+def _settle(ctx: WorkerContext) -> None:
+    """Wait for the device's queued work, so it is charged to the part that queued it (report points only,
+    never inside the training steps)."""
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+
+
+def device_model(device: torch.device) -> str:
+    """The device table's key of `device` ("cpu", "h100", …), else torch's name of it."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    return identify(name) or name
 
 
 def _checkpoint_due(config: StageConfig, step: int, total_steps: int) -> bool:

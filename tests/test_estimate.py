@@ -1,0 +1,186 @@
+"""`jobs/pipeline.py --estimate`: each pipeline's projected cost from the config alone (no Ray, no training):
+FLOPs = the per-sample FLOPs a run is charged × planned samples; device time from the device table."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import ray
+
+from rmoe_platform.cli.pipeline import main
+from rmoe_platform.config.experiment import ExperimentConfig
+from rmoe_platform.cost.devices import DEVICES
+from rmoe_platform.cost.estimate import KNOWN_DATASETS, estimate, measured_utilisation, planned_data
+from rmoe_platform.names import PIPELINES
+from rmoe_platform.pipelines.graph import plan_pipelines
+from rmoe_platform.results import ResultsStore
+from rmoe_platform.stage.prepare import build_sized_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("preset", PAPER, ids=lambda p: p.stem)
+def test_estimate_prints_every_pipeline_without_ray(preset: Path) -> None:
+    assert not ray.is_initialized()
+    code, out, err = run_cli("--config", str(preset), "--estimate")
+    assert code == 0, err
+    assert not ray.is_initialized(), "--estimate must not start Ray"
+    exp = ExperimentConfig.load(preset)
+    table = out.split("pipeline ", 1)[1]
+    for pipeline in exp.pipelines:
+        assert any(line.startswith(f"{pipeline} ") for line in table.splitlines()), (pipeline, out)
+    est = estimate(exp)
+    sizes = {field: planned_data(spec, field) for field, spec in exp.datasets().items()}
+    for key, stage in est.stages.items():
+        if stage.mfu_source == "declared":
+            assert exp.upstream.imported and key == "upstream_dense"
+            continue
+        node = next(n for nodes in plan_pipelines_for(exp).values() for n in nodes if n.key == key)
+        data = sizes[data_field(key)]
+        steps = node.config.budget.steps or node.config.budget.epochs * (data.num_train // node.config.batch_size)
+        assert stage.samples == steps * node.config.batch_size
+        assert stage.cost.flops == pytest.approx(stage.flops_per_sample * stage.samples, rel=1e-12)
+        spec = DEVICES["h100"]
+        assert stage.cost.device_seconds == pytest.approx(stage.cost.flops / (spec.peak("bf16") * spec.mfu))
+
+
+def plan_pipelines_for(exp: ExperimentConfig):
+    from rmoe_platform.cost.estimate import _declared_core
+
+    return plan_pipelines(exp, _declared_core(exp) if exp.upstream.imported else None)
+
+
+def data_field(key: str) -> str:
+    if key.endswith("/downstream"):
+        return "experiment.downstream.data"
+    return "experiment.upstream.data"
+
+
+def test_projected_flops_per_sample_equal_what_a_run_is_charged() -> None:
+    """The projection's meta-device models and shared head measurement give the FLOPs `prepare_stage` charges
+    a run (built with weights on CPU, as a run's driver does), stage by stage, for the ADE20K preset."""
+    exp = ExperimentConfig.load(ROOT / "configs" / "paper" / "ade20k_upernet_swin_t.yaml")
+    est = estimate(exp)
+    for nodes in plan_pipelines(exp).values():
+        for node in nodes:
+            if node.key in ("upstream_dense", "dense/downstream", "rmoe_i/residual", "rmoe_d/downstream"):
+                data = planned_data(exp.datasets()[f"experiment.{phase_of(node.kind)}.data"], "test")
+                config = replace(node.config, model=replace(node.config.model, num_classes=data.num_classes))
+                sized, model, task = build_sized_model(config, data.facts, parent=None)
+                charged = task.train_flops_per_sample(model, sized)
+                assert est.stages[node.key].flops_per_sample == pytest.approx(charged, rel=1e-9), node.key
+
+
+def phase_of(kind: str) -> str:
+    return "downstream" if kind == "downstream" else "upstream"
+
+
+def test_device_table_overrides_change_gpu_days_as_computed_by_hand() -> None:
+    preset = str(ROOT / "configs" / "paper" / "coco_mask_rcnn_swin_t_1x.yaml")
+    base = estimate(ExperimentConfig.load(preset), "a100")
+    changed = estimate(ExperimentConfig.load(preset, ["devices.a100.mfu=0.5", "devices.a100.peak_bf16=4.0e14"]), "a100")
+    for key, stage in changed.stages.items():
+        by_hand = stage.cost.flops / (4.0e14 * 0.5) / 86_400
+        assert stage.cost.gpu_days == pytest.approx(by_hand, rel=1e-12)
+        assert base.stages[key].cost.gpu_days == pytest.approx(stage.cost.flops / (312e12 * 0.40) / 86_400)
+        assert stage.cost.dollars == pytest.approx(stage.cost.device_hours * 2.5)  # prices.gpu
+    priced = estimate(ExperimentConfig.load(preset, ["devices.a100.dollars_per_hour=1.25"]), "a100")
+    total = priced.pipeline_cost("rmoe_i")
+    assert total.dollars == pytest.approx(total.device_hours * 1.25)
+    # a device of one's own, and a device the table does not have
+    own = ExperimentConfig.load(preset, ["devices.mygpu={peak_bf16: 1.0e15, peak_fp32: 5.0e13, mfu: 0.25}"])
+    assert estimate(own, "mygpu").pipeline_cost("moe").gpu_days == pytest.approx(
+        base.pipeline_cost("moe").flops / (1.0e15 * 0.25) / 86_400
+    )
+    code, _, err = run_cli("--config", preset, "--estimate", "--device", "tpu")
+    assert code == 2 and "unknown device 'tpu'" in err
+    code, _, err = run_cli("--config", preset, "--estimate", "--set", "devices.a100.mfu=2")
+    assert code == 2 and "devices.a100" in err and "mfu" in err
+
+
+def test_ratios_to_moe_and_dense_are_printed_from_compute_cost() -> None:
+    preset = str(ROOT / "configs" / "paper" / "ade20k_upernet_swin_t.yaml")
+    code, out, _ = run_cli("--config", preset, "--estimate", "--device", "l4")
+    assert code == 0
+    est = estimate(ExperimentConfig.load(preset), "l4")
+    row = next(line for line in out.splitlines() if line.startswith("rmoe_i "))
+    moe, dense = est.pipeline_cost("moe"), est.pipeline_cost("rmoe_i")
+    assert row.split()[-2] == f"{dense.device_seconds / moe.device_seconds:.3f}"
+    assert row.split()[-1] == f"{dense.device_seconds / est.pipeline_cost('dense').device_seconds:.3f}"
+
+
+def test_calibration_replaces_the_assumed_utilisation(tmp_path: Path) -> None:
+    """Stage rows that measured a utilisation on a device replace the assumed one: per stage where the store
+    has that stage, FLOP-weighted over all measured stages elsewhere."""
+    store = ResultsStore(str(tmp_path / "results"))
+    rows = [
+        {
+            "row_type": "stage",
+            "run_id": "a",
+            "stage": "upstream_dense",
+            "device_model": "h100",
+            "mfu": 0.5,
+            "flops": 3e18,
+        },
+        {
+            "row_type": "stage",
+            "run_id": "b",
+            "stage": "upstream_moe",
+            "device_model": "h100",
+            "mfu": 0.25,
+            "flops": 1e18,
+        },
+        {
+            "row_type": "stage",
+            "run_id": "c",
+            "stage": "upstream_dense",
+            "device_model": "cpu",
+            "mfu": 0.9,
+            "flops": 1e9,
+        },
+    ]
+    store.append(rows)
+    measured = measured_utilisation(store.read().table.to_pylist(), "h100")
+    assert measured["upstream_dense"] == 0.5 and measured["upstream_moe"] == 0.25
+    assert measured["*"] == pytest.approx(4e18 / (3e18 / 0.5 + 1e18 / 0.25))
+    preset = str(ROOT / "configs" / "paper" / "ade20k_upernet_swin_t.yaml")
+    exp = ExperimentConfig.load(preset)
+    est = estimate(exp, "h100", measured)
+    assert est.stages["upstream_dense"].mfu == 0.5 and est.stages["upstream_dense"].mfu_source == "measured"
+    assert est.stages["upstream_moe"].mfu == 0.25
+    assert est.stages["dense/downstream"].mfu == pytest.approx(measured["*"])
+    code, out, err = run_cli("--config", preset, "--estimate", "--calibrate-from", str(tmp_path / "results"))
+    assert code == 0, err
+    assert "0.50*" in out and "measured on an earlier run" in out
+    code, _, err = run_cli(
+        "--config", preset, "--estimate", "--device", "l4", "--calibrate-from", str(tmp_path / "results")
+    )
+    assert code == 2 and "no stage" in err and "'l4'" in err
+
+
+def test_an_epoch_budget_on_an_unknown_dataset_is_refused_naming_the_field() -> None:
+    preset = str(ROOT / "configs" / "paper" / "ade20k_upernet_swin_t.yaml")
+    code, _, err = run_cli("--config", preset, "--estimate", "--set", "upstream.data.uri=my-own-set")
+    assert code == 2 and "experiment.upstream.data.uri" in err and "my-own-set" in err
+    assert set(KNOWN_DATASETS) == {"imagenet-1k", "ade20k", "coco-2017"}
+
+
+def test_the_demo_projects_on_cpu_by_default() -> None:
+    code, out, err = run_cli("--config", str(ROOT / "configs" / "demo.yaml"), "--estimate")
+    assert code == 0, err
+    assert "on cpu" in out and all(any(ln.startswith(f"{p} ") for ln in out.splitlines()) for p in PIPELINES)
+    cost = estimate(ExperimentConfig.load(ROOT / "configs" / "demo.yaml")).pipeline_cost("rmoe_i")
+    assert cost.gpu_days == 0 and math.isclose(cost.dollars, cost.device_hours * 0.05)  # prices.cpu
