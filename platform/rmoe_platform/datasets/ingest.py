@@ -1,6 +1,9 @@
 """Ray Data ingest of shard-format datasets from a local folder or s3://: validated up front, decoded
 and augmented in `map_batches` on CPU workers, streamed to Train workers as fixed-size tensors.
 
+Augmentation is reproducible: each row's random draws come from a generator seeded by (stage seed, epoch,
+row id), so a row is augmented the same way whichever worker, task or batch decodes it (`row_rng`).
+
 Undecodable rows are dropped and counted in a small ledger actor (deduplicated over epochs); once
 they pass `max_bad_fraction` of the split, the batch that found the last one raises an error naming
 the shard and the row, which fails the run.
@@ -146,6 +149,7 @@ class DecodeSpec:
     size: int
     augment: T.AugmentSpec
     max_bad_fraction: float
+    seed: int = 0  # the stage's seed: with the epoch and the row id, it fixes every augmentation draw
 
 
 class DecodeBatch:
@@ -158,12 +162,12 @@ class DecodeBatch:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng()  # augmentation draws; the shuffle order is what is seeded
+        epoch = execution_epoch() if self.spec.mode == "train" else 0
         rows, bad = [], []
         for i in range(len(batch["id"])):
             row = {name: column[i] for name, column in batch.items()}
             try:
-                rows.append(self.decode_row(row, rng))
+                rows.append(self.decode_row(row, row_rng(self.spec.seed, epoch, int(row["id"]))))
             except DecodeError as err:
                 bad.append((str(row["path"]), int(row["id"]), str(err)))
         if bad:
@@ -262,6 +266,26 @@ class DecodeBatch:
         else:
             image_out, boxes_out, masks_out = image, boxes, masks
         return {**out, "image": self._image(image_out), "boxes": boxes_out, "labels": labels, "masks": masks_out}
+
+
+# Keeps augmentation streams apart from any other generator seeded with the same (seed, epoch, id).
+_AUGMENT_STREAM = 0x61756721
+
+
+def row_rng(seed: int, epoch: int, row_id: int) -> np.random.Generator:
+    """The generator of one row's augmentation in one epoch: a function of (seed, epoch, row id) only, so the
+    draws do not depend on which task, batch or worker decodes the row, nor on the order rows arrive in."""
+    return np.random.default_rng([row_id & 0xFFFFFFFFFFFFFFFF, epoch, seed, _AUGMENT_STREAM])
+
+
+def execution_epoch() -> int:
+    """Which pass over the split this decode task belongs to: Ray Data counts the executions of a Dataset
+    (a Train worker's every epoch is one) and hands the count to its tasks. It is the index Ray Data's own
+    seeded shuffles (`FileShuffleConfig(reseed_after_execution=True)`) use, so the shard order and the
+    augmentation of an epoch move together. A stage builds its Datasets afresh, so its first epoch is 0."""
+    from ray.data.context import DataContext
+
+    return int(DataContext.get_current()._execution_idx)
 
 
 def _stack(rows: list[dict[str, Any]], spec: DecodeSpec) -> dict[str, np.ndarray]:

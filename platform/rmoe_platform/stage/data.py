@@ -33,11 +33,11 @@ class StageData:
 
 
 def stage_data(opened: OpenDataset, task: str, spec: DataSpec, img_size: int, seed: int) -> StageData:
-    """Train (shard order seeded) and validation (in order) splits of the stage's dataset."""
+    """Train (shard order and augmentation seeded by `seed` and the epoch) and validation (in order) splits."""
     ledger = create_ledger(opened, spec.max_bad_fraction)
 
     def decode(mode: str) -> DecodeSpec:
-        return DecodeSpec(task, mode, img_size, spec.augment, spec.max_bad_fraction)
+        return DecodeSpec(task, mode, img_size, spec.augment, spec.max_bad_fraction, seed)
 
     return StageData(
         {
