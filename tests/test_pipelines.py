@@ -223,6 +223,10 @@ def run_job(*args: str, env: dict[str, str] | None = None, timeout: int = 120) -
         (SMOKE.read_text(), ["--set", "noequals"], "expected key=value"),
         (SMOKE.read_text(), ["--set", "upstream.data.generate.num_classes=99"], "num_classes"),
         (SMOKE.read_text(), ["--set", "downstream.data={uri: /nonexistent/ds}"], "experiment.downstream.data.uri"),
+        (SMOKE.read_text(), ["--seeds", "0,x"], "--seeds: expected comma-separated integers"),
+        (SMOKE.read_text(), ["--seeds", "1,1"], "seeds: each seed once"),
+        (SMOKE.read_text(), ["--set", "seeds=3"], "seeds must be a list of integers"),
+        (SMOKE.read_text(), ["--set", "seed=4", "--seeds", "0,1"], "seed=4 is not among seeds"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, content: str, args: list[str], message: str) -> None:

@@ -28,6 +28,11 @@ def parser(default_config: Path | None) -> argparse.ArgumentParser:
     parser.add_argument("--pipelines", help=f"comma-separated subset of {','.join(PIPELINES)}")
     parser.add_argument("--results", help="results store: a local path or s3://bucket/prefix")
     parser.add_argument(
+        "--seeds",
+        help="comma-separated seeds, e.g. 0,1,2: every pipeline once per seed, compared with 95%% confidence "
+        "intervals and paired differences (overrides the config's seed/seeds)",
+    )
+    parser.add_argument(
         "--estimate",
         action="store_true",
         help="print each pipeline's projected training cost (FLOPs, device-hours, GPU-days, dollars) and exit: "
@@ -51,7 +56,17 @@ def load_experiment(args: argparse.Namespace) -> ExperimentConfig:
         overrides.append(f"pipelines=[{args.pipelines}]")
     if args.results:
         overrides.append(f"results={args.results}")
+    if args.seeds:
+        overrides.append(f"seeds=[{parse_seeds(args.seeds)}]")
     return ExperimentConfig.load(args.config, overrides)
+
+
+def parse_seeds(text: str) -> str:
+    """`--seeds 0,1,2` as the YAML list body `0, 1, 2` (a ConfigError naming the flag otherwise)."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise ConfigError(f"--seeds: expected comma-separated integers >= 0 (e.g. 0,1,2), got {text!r}")
+    return ", ".join(parts)
 
 
 def main(argv: list[str], default_config: Path | None = None) -> int:
@@ -63,27 +78,33 @@ def main(argv: list[str], default_config: Path | None = None) -> int:
         return print_estimate(args)
     try:
         exp = load_experiment(args)
-        from rmoe_platform.pipelines.report import format_report
-        from rmoe_platform.pipelines.runner import ExperimentRunner
+        from rmoe_platform.pipelines.replicates import ReplicatedRunner
+        from rmoe_platform.pipelines.report import format_replicates, format_report
         from rmoe_platform.results import ResultsStore
         from rmoe_platform.storage.s3 import S3Access
 
         access = S3Access.resolve(exp.s3)
-        runner = ExperimentRunner(exp, ResultsStore(exp.results, s3=access), s3=access)
+        runner = ReplicatedRunner(exp, ResultsStore(exp.results, s3=access), s3=access)
         runner.validate()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    print(f"experiment {exp.name}: pipelines {', '.join(exp.pipelines)}; results → {exp.results}", flush=True)
+    seeds = ", ".join(map(str, exp.replicate_seeds))
+    pipelines = ", ".join(exp.pipelines)
+    print(f"experiment {exp.name}: pipelines {pipelines}; seed(s) {seeds}; results → {exp.results}", flush=True)
     connect()
     try:
         report = runner.run()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print()
-    print(format_report(report))
+    for seed, single in report.reports.items():
+        print(f"\nseed {seed}:" if len(report.reports) > 1 else "")
+        print(format_report(single))
+    if len(report.reports) > 1:
+        print()
+        print(format_replicates(report))
     print(f"\nwall time {time.perf_counter() - started:.0f} s; results in {exp.results}")
     return 0 if report.ok else 1
 

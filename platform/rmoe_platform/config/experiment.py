@@ -160,7 +160,8 @@ class ExperimentConfig:
     prices: dict[str, float] = field(default_factory=lambda: {"cpu": 0.05, "gpu": 2.5})
     # the device table's overrides (peaks, assumed MFU, price per device: `cost.devices`), e.g. {h100: {mfu: 0.5}}
     devices: dict[str, dict[str, float | str]] = field(default_factory=dict)
-    seed: int = 0
+    seed: int = 0  # the seed of a single run (model init, MoE noise, shuffle order, augmentation draws)
+    seeds: tuple[int, ...] = ()  # replicates: every pipeline once per seed, paired across pipelines by seed
     precision: str = "auto"  # every phase's training precision unless the phase sets its own (PRECISIONS)
 
     def __post_init__(self) -> None:
@@ -175,6 +176,7 @@ class ExperimentConfig:
             task = getattr(self, phase).task
             check(task == "classification", f"{phase}.task: upstream phases train classification, got {task!r}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        self._check_seeds()
         for kind, price in self.prices.items():
             check(price >= 0, f"prices.{kind} must be >= 0, got {price}")
         ep = (self.moe_scaling or self.scaling).expert_parallel_size
@@ -187,6 +189,29 @@ class ExperimentConfig:
         device_table(self.devices)  # raises on a bad override, naming the device and field
         for kind in {self.scaling.device_kind, (self.moe_scaling or self.scaling).device_kind}:
             check(kind in self.prices, f"prices: no price for device kind {kind!r}")
+
+    def _check_seeds(self) -> None:
+        check(isinstance(self.seeds, tuple), f"seeds must be a list of integers, got {self.seeds!r}")
+        for name, values in (("seed", (self.seed,)), ("seeds", self.seeds)):
+            for value in values:
+                check(
+                    isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                    f"{name}: seeds are integers >= 0, got {value!r}",
+                )
+        check(len(set(self.seeds)) == len(self.seeds), f"seeds: each seed once, got {list(self.seeds)}")
+        check(
+            not self.seeds or self.seed == 0 or self.seed in self.seeds,
+            f"seeds: seed={self.seed} is not among seeds {list(self.seeds)} (set one of the two)",
+        )
+
+    @property
+    def replicate_seeds(self) -> tuple[int, ...]:
+        """The seeds the pipelines run with: `seeds`, else the one `seed`."""
+        return self.seeds or (self.seed,)
+
+    def for_seed(self, seed: int) -> ExperimentConfig:
+        """This experiment's single run with `seed` (one replicate)."""
+        return dataclasses.replace(self, seed=seed, seeds=())
 
     def _check_upstream(self) -> None:
         """What the pipelines need of the upstream phase: a trained upstream needs data; `moe` always

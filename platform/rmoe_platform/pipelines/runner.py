@@ -42,6 +42,12 @@ class ExperimentRunner:
         trial: SweepTrial | None = None,
         stage_callbacks: StageCallbacks | None = None,
     ) -> None:
+        if len(exp.replicate_seeds) > 1:
+            raise ValueError(
+                f"ExperimentRunner runs one seed; experiment {exp.name!r} has seeds {list(exp.seeds)} "
+                "(run them with pipelines.replicates.run_replicates)"
+            )
+        exp = exp.for_seed(exp.replicate_seeds[0])
         self.exp = exp
         self.trial = trial
         self.stage_callbacks = stage_callbacks
@@ -50,7 +56,7 @@ class ExperimentRunner:
         self.log = log
         self.stage_runner = stage_runner
         trial_fields = {"sweep_id": trial.sweep_id, "params": trial.params} if trial else {}
-        self.rows = RowContext(exp.name, exp.arch, git_commit(), **trial_fields)
+        self.rows = RowContext(exp.name, exp.arch, git_commit(), exp.seed, **trial_fields)
         self._succeeded: dict[str, list[dict[str, Any]]] = {}
         # validate()'s stage graph and dataset checks, reused by run()
         self._validated: tuple[dict[str, list[StageNode]], dict[str, DatasetCheck]] | None = None

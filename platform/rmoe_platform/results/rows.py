@@ -21,17 +21,18 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RowContext:
-    """What every row of one run shares: the experiment, the code that ran it and, for a sweep trial, the
-    sweep and the sampled setting."""
+    """What every row of one run shares: the experiment, its seed, the code that ran it and, for a sweep
+    trial, the sweep and the sampled setting."""
 
     experiment: str
     arch: str
     git_commit: str | None
+    seed: int | None = None
     sweep_id: str | None = None
     params: dict[str, Any] | None = None
 
     def common(self) -> dict[str, Any]:
-        common = {"experiment": self.experiment, "git_commit": self.git_commit, "arch": self.arch}
+        common = {"experiment": self.experiment, "git_commit": self.git_commit, "arch": self.arch, "seed": self.seed}
         if self.sweep_id is not None:
             common.update({"sweep_id": self.sweep_id, "params": self.params or None})
         return common

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 from rmoe_platform import storage
 from rmoe_platform.storage.s3 import S3Access
 
-SCHEMA_VERSION = 3  # 2: predictions_uri; 3: the cost ledger (device_seconds = compute only, overhead apart)
+# 2: predictions_uri; 3: the cost ledger (device_seconds = compute only, overhead apart); 4: seed
+SCHEMA_VERSION = 4
 
 SCHEMA = pa.schema(
     [
@@ -45,6 +46,7 @@ SCHEMA = pa.schema(
         ("error", pa.string()),
         ("task", pa.string()),
         ("arch", pa.string()),
+        ("seed", pa.int64()),  # the run's seed: replicates of one setting differ only in it (null before v4)
         ("num_experts", pa.int32()),
         ("top_k", pa.int32()),
         ("moe_layers", pa.string()),
