@@ -1,13 +1,10 @@
-"""Serve the dashboard on loopback and look at it with headless Chromium, driven over the Chrome DevTools
-Protocol with the `websockets` package: no browser download, no driver. Shared by the browser test and
-`dashboard/screenshot.py`. Each helper stops exactly the processes it started, by their handles."""
+"""Serve the dashboard on loopback and look at it with headless Chromium (Debian's, driven by Playwright
+with no browser download). Shared by the browser test and `dashboard/screenshot.py`. Each helper stops
+exactly the processes it started: the Streamlit server by its handle, Chromium through Playwright."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import itertools
-import json
 import os
 import shutil
 import signal
@@ -22,14 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from websockets.sync.client import ClientConnection, connect
+from playwright.sync_api import Page, sync_playwright
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "dashboard" / "app.py"
-CHROMIUM = os.environ.get("RMOE_CHROMIUM", "/usr/bin/chromium")
-# Without the background-networking flags Chromium waits on the (closed) network before it serves CDP.
+CHROMIUM = "/usr/bin/chromium"
+# Without the background-networking flags Chromium waits on the (closed) network before it serves pages.
 CHROMIUM_FLAGS = (
-    "--headless",
     "--no-sandbox",
     "--disable-gpu",
     "--disable-quic",
@@ -41,8 +37,10 @@ CHROMIUM_FLAGS = (
     "--hide-scrollbars",
     "--mute-audio",
 )
-# The page is drawn when the script has finished and every Altair chart (canvas or svg) and Graphviz graph (svg) is.
-PAGE_STATE_JS = """(() => {
+# The page is drawn when the script has finished and every Altair chart (canvas or svg) and Graphviz graph
+# (svg) is. `errors` counts st.error boxes, `exceptions` st.exception ones: a page that caught its own
+# failure and said so with st.error is as broken as one that raised.
+PAGE_STATE_JS = """() => {
   const app = document.querySelector('[data-testid="stApp"]');
   if (!app) return {state: "loading"};
   const vega = document.querySelectorAll('[data-testid="stVegaLiteChart"]').length;
@@ -62,10 +60,11 @@ PAGE_STATE_JS = """(() => {
     charts: vega + graphs,
     drawn: drawnVega + drawnGraphs,
     exceptions: document.querySelectorAll('[data-testid="stException"]').length,
+    errors: document.querySelectorAll('[data-testid="stAlertContentError"]').length,
     traceback: outsideCode.includes("Traceback"),
     text: document.body.innerText.slice(0, 4000),
   };
-})()"""
+}"""
 
 
 def free_port() -> int:
@@ -137,53 +136,43 @@ class PageState:
     title: str | None
     charts: int
     drawn: int
-    exceptions: int
+    exceptions: int  # st.exception boxes
+    errors: int  # st.error boxes
     traceback: bool
     text: str
 
+    @property
+    def broken(self) -> bool:
+        """Whether the page shows a failure of its own: an exception, an error box or a traceback."""
+        return bool(self.exceptions or self.errors or self.traceback)
+
 
 class Browser:
-    """One headless Chromium tab, commanded over CDP."""
+    """One headless Chromium tab (a Playwright page)."""
 
-    def __init__(self, ws: ClientConnection, pid: int) -> None:
-        self._ws = ws
-        self._ids = itertools.count(1)
-        self.pid = pid  # of the Chromium browser process
-
-    def call(self, method: str, timeout: float = 30.0, **params: Any) -> dict[str, Any]:
-        call_id = next(self._ids)
-        self._ws.send(json.dumps({"id": call_id, "method": method, "params": params}))
-        deadline = time.monotonic() + timeout
-        while True:
-            message = json.loads(self._ws.recv(timeout=max(0.1, deadline - time.monotonic())))
-            if message.get("id") == call_id:  # events (no id) are skipped
-                if "error" in message:
-                    raise RuntimeError(f"CDP {method}: {message['error']}")
-                return message.get("result", {})
-
-    def evaluate(self, expression: str) -> Any:
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        return result.get("result", {}).get("value")
+    def __init__(self, page: Page, profile: Path) -> None:
+        self.page = page
+        self.profile = profile  # Chromium's --user-data-dir: how its processes are recognised
 
     def open(self, url: str, *, want_chart: bool = False, timeout: float = 45.0) -> PageState:
         """Navigate and wait until Streamlit has finished the script and drawn every chart (at least one
-        when `want_chart`), then a moment more for late layout."""
-        self.call("Page.navigate", url=url)
+        when `want_chart`), unchanged over ~1 s (the script is not about to rerun)."""
+        self.page.goto(url, wait_until="domcontentloaded", timeout=timeout * 1000)
         deadline = time.monotonic() + timeout
         state: dict[str, Any] = {}
         settled = 0
         while time.monotonic() < deadline:
-            time.sleep(0.4)
-            state = self.evaluate(PAGE_STATE_JS) or {}
+            self.page.wait_for_timeout(400)
+            state = self.page.evaluate(PAGE_STATE_JS) or {}
             ready = (
                 state.get("state") == "notRunning"
                 and state.get("connection") == "CONNECTED"
-                and (state.get("title") or state.get("exceptions"))
+                and (state.get("title") or state.get("exceptions") or state.get("errors"))
                 and state.get("drawn", 0) >= state.get("charts", 0)
                 and (state.get("vega", 0) > 0 or not want_chart)
             )
             settled = settled + 1 if ready else 0
-            if settled >= 3:  # unchanged over ~1 s: the script is not about to rerun
+            if settled >= 3:
                 break
         else:
             raise TimeoutError(f"{url} did not finish rendering in {timeout:.0f} s: {state}")
@@ -193,65 +182,51 @@ class Browser:
             state.get("charts", 0),
             state.get("drawn", 0),
             state.get("exceptions", 0),
+            state.get("errors", 0),
             bool(state.get("traceback")),
             state.get("text", ""),
         )
 
     def screenshot(self, path: Path) -> Path:
-        data = self.call("Page.captureScreenshot", format="png")["data"]
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(data))
+        self.page.screenshot(path=str(path))
         return path
 
 
 @contextlib.contextmanager
 def chromium(*, width: int = 1440, height: int = 1000, timeout: float = 30.0) -> Iterator[Browser]:
-    """Headless Chromium with a fresh profile in a temp folder, stopped (and the folder removed) on exit."""
+    """Headless Debian Chromium with a fresh profile in a temp folder; closed (and the folder removed) on exit."""
     if not Path(CHROMIUM).exists():
         raise FileNotFoundError(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium)")
     profile = Path(tempfile.mkdtemp(prefix="rmoe-chromium-"))
-    command = [
-        CHROMIUM,
-        *CHROMIUM_FLAGS,
-        f"--user-data-dir={profile}",
-        "--remote-debugging-address=127.0.0.1",
-        "--remote-debugging-port=0",
-        f"--window-size={width},{height}",
-        "about:blank",
-    ]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        port = _devtools_port(profile, proc, timeout)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as response:
-            targets = json.loads(response.read())
-        page = next(t for t in targets if t.get("type") == "page")
-        with connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=timeout) as ws:
-            browser = Browser(ws, proc.pid)
-            browser.call("Page.enable")
-            browser.call(
-                "Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False
+        with sync_playwright() as playwright:
+            context = playwright.chromium.launch_persistent_context(
+                str(profile),
+                executable_path=CHROMIUM,
+                headless=True,
+                args=list(CHROMIUM_FLAGS),
+                viewport={"width": width, "height": height},
+                timeout=timeout * 1000,
             )
-            yield browser
-            with contextlib.suppress(Exception):
-                browser.call("Browser.close", timeout=5)
+            try:
+                page = context.pages[0] if context.pages else context.new_page()
+                yield Browser(page, profile)
+            finally:
+                context.close()
     finally:
-        _stop(proc)
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def _devtools_port(profile: Path, proc: subprocess.Popen, timeout: float) -> int:
-    """Chromium writes the port it picked (for --remote-debugging-port=0) into the profile folder."""
-    marker = profile / "DevToolsActivePort"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"chromium exited with {proc.returncode} before opening its DevTools port")
-        if marker.exists():
-            first = marker.read_text().splitlines()[:1]
-            if first and first[0].isdigit():
-                return int(first[0])
-        time.sleep(0.1)
-    raise TimeoutError(f"chromium opened no DevTools port within {timeout:.0f} s")
+def chromium_running(profile: Path) -> bool:
+    """Whether a Chromium process of this profile is still alive (read from /proc)."""
+    marker = f"--user-data-dir={profile}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker in (entry / "cmdline").read_bytes():
+                    return True
+    return False
 
 
 PAGES = {"overview": "", "pipelines": "pipelines", "sweeps": "sweeps", "run_detail": "run_detail", "experts": "experts"}

@@ -5,10 +5,14 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
-from dashboard.processing import PIPELINES
+from dashboard.processing import FINISHED, PIPELINES
 
 MAX_ROWS = 4000  # below Altair's 5000-row guard: long histories are thinned, never refused
 BASELINE_COLORS = {"dense": "#6b6b6b", "moe": "#c0392b"}
+# the overview points' columns a chart draws (the chart's data is serialised whole: nothing else is sent)
+CHART_COLUMNS = ("pipeline", "experiment", "params", "run_id", "seeds", "metric", "metric_low", "metric_high")
+CHART_COLUMNS += ("x", "x_low", "x_high", "pareto", "status")
+STANDINGS = ("on the frontier", "dominated", "stopped or failed")
 
 
 def _pipeline_scale(values: pd.Series) -> alt.Scale:
@@ -19,9 +23,11 @@ def _pipeline_scale(values: pd.Series) -> alt.Scale:
 def overview_chart(
     points: pd.DataFrame, references: pd.DataFrame, *, metric: str, cost_title: str, log_x: bool = False
 ) -> alt.LayerChart:
-    """Metric against cost per pipeline run, the Pareto frontier as a staircase, dense/MoE reference lines."""
-    plotted = points.dropna(subset=["x", "metric"])
-    plotted = plotted.assign(frontier=plotted["pareto"].map({True: "on the frontier", False: "dominated"}))
+    """Metric against cost per pipeline (the mean over its seeds), the 95% intervals as error bars in both
+    directions where there are several seeds, the Pareto frontier over the means as a staircase, dense/MoE
+    reference lines."""
+    plotted = points.dropna(subset=["x", "metric"])[[c for c in CHART_COLUMNS if c in points]]
+    plotted = plotted.assign(frontier=[_standing(row) for row in plotted.to_dict("records")])
     if log_x:
         plotted = plotted[plotted["x"] > 0]
     x = alt.X("x:Q", title=cost_title, scale=alt.Scale(type="log" if log_x else "linear", zero=False))
@@ -30,16 +36,19 @@ def overview_chart(
         alt.Tooltip("pipeline:N"),
         alt.Tooltip("experiment:N"),
         alt.Tooltip("params:N"),
-        alt.Tooltip("metric:Q", format=".4f"),
+        alt.Tooltip("metric:Q", format=".4f", title=f"{metric} (mean)"),
+        alt.Tooltip("metric_low:Q", format=".4f", title="95% CI low"),
+        alt.Tooltip("metric_high:Q", format=".4f", title="95% CI high"),
         alt.Tooltip("x:Q", title=cost_title, format=".4g"),
-        alt.Tooltip("run_id:N"),
+        alt.Tooltip("seeds:Q"),
+        alt.Tooltip("run_id:N", title="latest run"),
     ]
     base = alt.Chart(plotted)
     dots = base.mark_point(filled=True, size=110, opacity=0.9).encode(
         x=x,
         y=y,
         color=alt.Color("pipeline:N", scale=_pipeline_scale(plotted["pipeline"]), title="pipeline"),
-        shape=alt.Shape("frontier:N", title=None, scale=alt.Scale(domain=["on the frontier", "dominated"])),
+        shape=alt.Shape("frontier:N", title=None, scale=alt.Scale(domain=list(STANDINGS))),
         tooltip=tooltip,
     )
     front = (
@@ -47,7 +56,7 @@ def overview_chart(
         .mark_line(interpolate="step-after", color="#222222", strokeDash=[4, 3], strokeWidth=1.5)
         .encode(x=x, y=y, order="x:Q")
     )
-    layers: list[alt.Chart] = [front, dots]
+    layers: list[alt.Chart] = [front, *error_bars(plotted, x=x, y=y), dots]
     if not references.empty:
         refs = references.assign(label=references["pipeline"] + " " + references["experiment"].astype(str))
         rule = alt.Chart(refs).mark_rule(strokeDash=[2, 2], opacity=0.7)
@@ -60,6 +69,30 @@ def overview_chart(
         text = alt.Chart(refs).mark_text(align="left", dx=4, dy=-6, fontSize=11)
         layers.append(text.encode(y="metric:Q", x=alt.value(0), text="label:N", color=color))
     return alt.layer(*layers).resolve_scale(color="independent").properties(height=440)
+
+
+def _standing(point: dict) -> str:
+    if point["pareto"]:
+        return STANDINGS[0]
+    return STANDINGS[1] if point["status"] in FINISHED else STANDINGS[2]
+
+
+def error_bars(plotted: pd.DataFrame, *, x: alt.X, y: alt.Y) -> list[alt.Chart]:
+    """The metric's (vertical) and the cost's (horizontal) 95% intervals of the points that have them."""
+    color = alt.Color("pipeline:N", scale=_pipeline_scale(plotted["pipeline"]), legend=None)
+    bars = []
+    vertical = plotted.dropna(subset=["metric_low", "metric_high"])
+    if not vertical.empty:
+        bars.append(
+            alt.Chart(vertical)
+            .mark_rule(strokeWidth=1.5)
+            .encode(x=x, y=alt.Y("metric_low:Q", scale=alt.Scale(zero=False)), y2="metric_high:Q", color=color)
+        )
+    horizontal = plotted.dropna(subset=["x_low", "x_high"])
+    if not horizontal.empty:
+        rule = alt.Chart(horizontal).mark_rule(strokeWidth=1.5)
+        bars.append(rule.encode(x="x_low:Q", x2="x_high:Q", y=y, color=color))
+    return bars
 
 
 def stage_bars(breakdown: pd.DataFrame, cost_title: str) -> alt.Chart:

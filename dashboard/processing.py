@@ -16,11 +16,16 @@ import pyarrow as pa
 
 from rmoe_platform.names import METRIC_NAMES, PIPELINES
 from rmoe_platform.results.analysis import pareto_front
+from rmoe_platform.results.replicates import Interval, interval, paired_difference
 
 JSON_COLUMNS = {"config": dict, "metrics": dict, "telemetry": dict, "history": list, "params": dict}
 NO_SWEEP = "(no sweep)"
 # Validation keys that are not a quality metric (never offered as the metric axis).
 NOT_METRICS = {"val_loss", "val_samples", "val_metric"}
+# A point of the comparison is a finished result (frontier, heatmaps) when all, or some, of its seeds succeeded;
+# a failed or an ASHA-stopped run is listed, never compared.
+FINISHED = ("succeeded", "partial")
+NO_SEED = -1  # the seed of rows written before rows recorded one (results schema < 4)
 
 
 @dataclass(frozen=True)
@@ -203,13 +208,21 @@ def isnan(value: Any) -> bool:
 
 # ---- overview -------------------------------------------------------------------------------------
 def latest_pipeline_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """The newest pipeline row per experiment (or sweep trial) and pipeline: re-running an experiment
-    appends fresh summary rows, which supersede the older ones."""
+    """The newest pipeline row per experiment (or sweep trial), pipeline and seed: re-running an experiment
+    appends fresh summary rows, which supersede the older ones of the same seed."""
     rows = frame[frame["row_type"] == "pipeline"].copy()
     rows["_order"] = range(len(rows))
+    rows["_seed"] = seeds_of(rows)
     rows = rows.sort_values(["finished_at", "_order"], na_position="first", kind="stable")
-    rows = rows.drop_duplicates(["group", "pipeline"], keep="last")
-    return rows.sort_values("_order").drop(columns="_order")
+    rows = rows.drop_duplicates(["group", "pipeline", "_seed"], keep="last")
+    return rows.sort_values("_order").drop(columns=["_order", "_seed"])
+
+
+def seeds_of(rows: pd.DataFrame) -> pd.Series:
+    """Each row's seed (NO_SEED where the row predates the column)."""
+    if "seed" not in rows:
+        return pd.Series(NO_SEED, index=rows.index, dtype=int)
+    return pd.to_numeric(rows["seed"], errors="coerce").fillna(NO_SEED).astype(int)
 
 
 @dataclass
@@ -220,14 +233,16 @@ class Overview:
 
 
 def overview(frame: pd.DataFrame, metric: str, unit: CostUnit, *, marginal: bool = False) -> Overview:
-    """Pipeline runs with `metric` against their cost in `unit` (or cost beyond the dense pipeline's), the
-    Pareto frontier over them, and the paper's comparisons: Δ metric vs dense, cost ÷ MoE cost."""
+    """One point per pipeline of each experiment (or sweep trial), over its seeds: the mean of `metric` and
+    of the cost in `unit` (or the cost beyond the dense pipeline's) with their 95% intervals, the Pareto
+    frontier over the means of finished points, and the paper's comparisons: Δ metric vs dense (paired by
+    seed, with its interval), cost ÷ MoE cost."""
     rows = latest_pipeline_rows(frame)
     finals = _stage_metrics(frame)
     values = [_metric_value(row, metric, finals) for row in rows.to_dict("records")]
     rows["value"] = pd.Series(values, index=rows.index, dtype=float)
     rows = rows[(rows["metric_name"] == metric) | rows["value"].notna()]
-    points = pd.DataFrame(
+    runs = pd.DataFrame(
         {
             "group": rows["group"],
             "experiment": rows["experiment"],
@@ -237,20 +252,32 @@ def overview(frame: pd.DataFrame, metric: str, unit: CostUnit, *, marginal: bool
             "core": [core_label(row) for row in rows.to_dict("records")],
             "run_id": rows["run_id"],
             "status": rows["status"],
+            "seed": seeds_of(rows),
             "metric": rows["value"],
             "cost": costs(rows, unit),
             "overhead_hours": overhead_hours(rows),
         }
-    ).reset_index(drop=True)
+    )
+    points = replicate_points(runs)
     for baseline in ("dense", "moe"):
         ref = reference_index(points, baseline)
-        points[f"{baseline}_metric"] = [points.at[i, "metric"] if i >= 0 else math.nan for i in ref]
-        points[f"{baseline}_cost"] = [points.at[i, "cost"] if i >= 0 else math.nan for i in ref]
+        for column in ("metric", "cost", "seed_metrics"):
+            points[f"{baseline}_{column}"] = [points.at[i, column] if i >= 0 else _missing(column) for i in ref]
     points["delta_vs_dense"] = points["metric"] - points["dense_metric"]
+    paired = [
+        paired_difference(mine, dense) if isinstance(dense, dict) else None
+        for mine, dense in zip(points["seed_metrics"], points["dense_seed_metrics"], strict=True)
+    ]
+    points["delta_low"] = [d.low if d else math.nan for d in paired]
+    points["delta_high"] = [d.high if d else math.nan for d in paired]
+    points["delta_distinguishable"] = [bool(d and d.excludes_zero) for d in paired]
     points["cost_over_moe"] = points["cost"] / points["moe_cost"].where(points["moe_cost"] > 0)
     points["marginal_cost"] = points["cost"] - points["dense_cost"]
     points["x"] = points["marginal_cost"] if marginal else points["cost"]
-    points["pareto"] = pareto_mask(points["x"].tolist(), points["metric"].tolist())
+    points["x_low"] = math.nan if marginal else points["cost_low"]
+    points["x_high"] = math.nan if marginal else points["cost_high"]
+    finished = points["status"].isin(FINISHED)
+    points["pareto"] = pareto_mask(points["x"].where(finished).tolist(), points["metric"].tolist())
     notes = []
     unplotted = points[["x", "metric"]].isna().any(axis=1)
     if unplotted.any():
@@ -259,9 +286,50 @@ def overview(frame: pd.DataFrame, metric: str, unit: CostUnit, *, marginal: bool
             f"{int(unplotted.sum())} pipeline run(s) are listed but not plotted ({why}a failed run, "
             f"or no {metric} / {unit.label} recorded)."
         )
-    references = points[points["pipeline"].isin(["dense", "moe"]) & points["metric"].notna()]
+    if (~finished).any():
+        notes.append(f"{int((~finished).sum())} failed or early-stopped run(s) are never on the frontier.")
+    references = points[points["pipeline"].isin(["dense", "moe"]) & points["metric"].notna() & finished]
     references = references[["pipeline", "experiment", "params", "metric", "x"]].reset_index(drop=True)
     return Overview(points, references, notes)
+
+
+def replicate_points(runs: pd.DataFrame) -> pd.DataFrame:
+    """One point per (group, pipeline) from its runs (one per seed): over the succeeded runs, the mean and
+    95% interval of metric and cost and the metric per seed; status `succeeded` (every seed), `partial`
+    (some) or, when none succeeded, the latest run's own status, metric and cost (a failed or stopped run)."""
+    points = []
+    for (_, _), group in runs.groupby(["group", "pipeline"], sort=False):
+        ok = group[(group["status"] == "succeeded") & group["metric"].notna()]
+        used = ok if len(ok) else group.tail(1)
+        latest = group.iloc[-1]
+        metric, cost = interval(used["metric"]), interval(used["cost"])
+        status = ("succeeded" if len(ok) == len(group) else "partial") if len(ok) else latest["status"]
+        points.append(
+            {
+                **{k: latest[k] for k in ("group", "experiment", "sweep_id", "params", "pipeline", "core", "run_id")},
+                "status": status,
+                "seeds": len(ok),
+                "seed_list": ", ".join(str(s) for s in sorted(ok["seed"]) if s != NO_SEED),
+                "seed_metrics": dict(zip(ok["seed"], ok["metric"], strict=True)),
+                **_interval_columns("metric", metric),
+                **_interval_columns("cost", cost),
+                "overhead_hours": float(used["overhead_hours"].mean()),
+            }
+        )
+    columns = ["group", "experiment", "sweep_id", "params", "pipeline", "core", "run_id", "status", "seeds"]
+    columns += ["seed_list", "seed_metrics", "metric", "metric_low", "metric_high", "metric_std"]
+    columns += ["cost", "cost_low", "cost_high", "cost_std", "overhead_hours"]
+    return pd.DataFrame(points, columns=columns)
+
+
+def _interval_columns(name: str, value: Interval | None) -> dict[str, float]:
+    if value is None:
+        return {name: math.nan, f"{name}_low": math.nan, f"{name}_high": math.nan, f"{name}_std": math.nan}
+    return {name: value.mean, f"{name}_low": value.low, f"{name}_high": value.high, f"{name}_std": value.std}
+
+
+def _missing(column: str) -> Any:
+    return None if column == "seed_metrics" else math.nan
 
 
 def core_label(row: Mapping[str, Any]) -> str:
@@ -307,18 +375,24 @@ def pareto_mask(costs: Sequence[float], metrics: Sequence[float]) -> list[bool]:
 
 
 def paper_table(points: pd.DataFrame, metric: str, unit: CostUnit) -> pd.DataFrame:
-    """The paper-style comparison: metric, cost, Δ metric vs dense, cost ÷ MoE, frontier membership."""
+    """The paper-style comparison over seeds: metric and cost as means with their 95% intervals, Δ metric vs
+    dense paired by seed with its interval (and whether it excludes 0), cost ÷ MoE, frontier membership."""
     table = pd.DataFrame(
         {
             "pipeline": points["pipeline"],
             "core": points["core"],
             "experiment": points["experiment"],
             "params": points["params"],
+            "seeds": points["seeds"],
             metric: points["metric"],
+            f"{metric} ± (95% CI)": (points["metric_high"] - points["metric_low"]) / 2,
             f"cost ({unit.label})": points["cost"],
+            "cost ± (95% CI)": (points["cost_high"] - points["cost_low"]) / 2,
             f"marginal cost ({unit.label})": points["marginal_cost"],
             "overhead (device-hours)": points["overhead_hours"],
             "Δ vs dense": points["delta_vs_dense"],
+            "Δ 95% CI": [_bounds(lo, hi) for lo, hi in zip(points["delta_low"], points["delta_high"], strict=True)],
+            "Δ beyond noise": points["delta_distinguishable"],
             "cost ÷ MoE": points["cost_over_moe"],
             "Pareto": points["pareto"],
             "status": points["status"],
@@ -330,6 +404,10 @@ def paper_table(points: pd.DataFrame, metric: str, unit: CostUnit) -> pd.DataFra
     order = {name: i for i, name in enumerate(PIPELINES)}
     table["_order"] = table["pipeline"].map(order).fillna(len(order))
     return table.sort_values(["experiment", "_order"], kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+def _bounds(low: float, high: float) -> str:
+    return "" if isnan(low) or isnan(high) else f"[{low:+.4f}, {high:+.4f}]"
 
 
 # ---- sweeps ---------------------------------------------------------------------------------------
@@ -356,7 +434,8 @@ def swept_axes(trials: pd.DataFrame) -> list[str]:
 
 
 def sweep_pivot(trials: pd.DataFrame, x: str, y: str | None, value: str) -> pd.DataFrame:
-    """Mean of `value` per (x, y) cell over the other swept axes, with the trial count per cell."""
+    """Mean of `value` per (x, y) cell over the other swept axes, with the trial count per cell; only finished
+    trials count (one ASHA stopped early, or one that failed, says nothing of its cell's final value)."""
     keys = [x] if y is None or y == x else [x, y]
-    present = trials.dropna(subset=[value])
+    present = trials[trials["status"].isin(FINISHED)].dropna(subset=[value])
     return present.groupby(keys, as_index=False).agg(value=(value, "mean"), trials=(value, "size"))

@@ -266,6 +266,19 @@ def full_rows(ckpt: dict[str, str]) -> list[dict[str, Any]]:
             )
             rows += [trial_res, trial_down]
             rows.append(_pipeline("rmoe_i", [up, trial_res, trial_down], trial_down["metric"], suffix=key, **common))
+    stopped_params = {"num_experts": 8, "residual_budget": {"steps": 24}}
+    stopped = _stage(
+        "res-e8-s24", "rmoe_i/residual", "residual", "rmoe_i", "up-dense", num_experts=8, metric=0.6,
+        sweep_id="sw-1", params=stopped_params, **_cost(24, 2.4, 2.4),
+    )  # fmt: skip
+    rows += [stopped]
+    # ASHA stopped it after one evaluation: the best metric of the sweep at the lowest cost, yet no final result
+    rows.append(
+        _pipeline(
+            "rmoe_i", [up, stopped], 0.95, suffix="e8-s24", status="stopped", sweep_id="sw-1", params=stopped_params
+        )
+    )
+    rows += replicate_rows()
     seg = {"experiment": "exp-seg", "task": "segmentation", "arch": "rmoe_swin_nano_patch4_window4_64"}
     seg_metrics = {"metric_name": "mIoU", **seg}
     seg_dense = _stage(
@@ -295,6 +308,35 @@ def full_rows(ckpt: dict[str, str]) -> list[dict[str, Any]]:
         _pipeline("dense", [seg_dense], 0.30, suffix="seg", **seg_metrics),
         _pipeline("rmoe_i", [seg_rmoe], 0.35, suffix="seg", imported=True, **seg_metrics),  # from an imported core
     ]
+    return rows
+
+
+# exp-rep: three pipelines, three seeds each (metric, dollars); an older seed-0 dense row is superseded
+REPLICATES = {
+    "dense": {0: (0.70, 1.0), 1: (0.72, 1.1), 2: (0.71, 0.9)},
+    "moe": {0: (0.80, 4.0), 1: (0.83, 4.4), 2: (0.81, 4.2)},
+    "rmoe_i": {0: (0.76, 1.5), 1: (0.77, 1.6), 2: (0.79, 1.4)},
+}
+
+
+def replicate_rows() -> list[dict[str, Any]]:
+    rows = []
+    for pipeline, by_seed in REPLICATES.items():
+        for seed, (metric, dollars) in by_seed.items():
+            stage = _stage(
+                f"rep-{pipeline}-{seed}", f"{pipeline}/downstream", "downstream", pipeline, None,
+                experiment="exp-rep", seed=seed, metric=metric, **_cost(10, dollars, dollars),
+            )  # fmt: skip
+            rows += [
+                stage,
+                _pipeline(pipeline, [stage], metric, suffix=f"rep-s{seed}", experiment="exp-rep", seed=seed),
+            ]
+    stale = _stage("rep-dense-old", "dense/downstream", "downstream", "dense", None, experiment="exp-rep", seed=0)
+    rows.append(
+        _pipeline(
+            "dense", [{**stale, **_cost(1, 9, 9)}], 0.1, suffix="old", experiment="exp-rep", seed=0, finished_at=T0
+        )
+    )
     return rows
 
 

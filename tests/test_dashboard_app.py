@@ -68,7 +68,8 @@ def test_overview_plots_frontier_and_baselines(full_store: Path, open_app) -> No
     assert app.title[0].value == "Accuracy versus training cost"
     (spec,) = charts(app)
     marks = [layer["mark"]["type"] for layer in spec["layer"]]
-    assert marks == ["line", "point", "rule", "text"], "frontier, points, baseline rules and their labels"
+    # frontier, error bars (metric, cost) of the replicated experiment, points, baseline rules and their labels
+    assert marks == ["line", "rule", "rule", "point", "rule", "text"]
     table = app.dataframe[0].value
     assert {"Δ vs dense", "cost ÷ MoE", "Pareto", "cost (dollars)"} <= set(table.columns)
     assert set(table["pipeline"]) == {"dense", "moe", "rmoe_i", "rmoe_d", "upcycle"}
@@ -88,7 +89,7 @@ def test_filters_narrow_every_page(full_store: Path, open_app) -> None:
     app = open_app(str(full_store))
     app.multiselect(key="filter_sweeps").set_value(["sw-1"]).run()
     assert_clean(app)
-    assert len(app.dataframe[0].value) == 4, "only the sweep's trials"
+    assert len(app.dataframe[0].value) == 5, "only the sweep's trials"
     app.multiselect(key="filter_sweeps").set_value([]).run()
     app.multiselect(key="filter_tasks").set_value(["segmentation"]).run()
     assert_clean(app)
@@ -117,7 +118,7 @@ def test_sweeps_page_draws_heatmaps(full_store: Path, open_app) -> None:
     app.selectbox(key="sweep_y").set_value(None).run()
     assert_clean(app)
     assert len(charts(app)) == 2
-    assert len(app.dataframe[0].value) == 4
+    assert len(app.dataframe[0].value) == 5
 
 
 def test_run_detail_shows_curves_and_failures(full_store: Path, open_app) -> None:
@@ -130,7 +131,7 @@ def test_run_detail_shows_curves_and_failures(full_store: Path, open_app) -> Non
     assert "`upstream_dense` → `rmoe_i/residual` → `rmoe_i/downstream`" in texts(app.markdown)
     app.selectbox(key="detail_run").set_value(option_index(app, "detail_run", "upc-down")).run()
     assert not app.exception
-    assert app.error[0].value == "Status: failed"
+    assert app.warning[0].value == "Status: failed"
     assert app.code[0].value == FAILED_ERROR
     assert "no training history" in texts(app.info)
 
@@ -206,7 +207,7 @@ def test_store_and_checkpoints_on_s3(s3_server, tmp_path: Path, open_app, monkey
     try:
         app = open_app(store)
         assert_clean(app)
-        assert len(charts(app)) == 1 and len(app.dataframe[0].value) == 9
+        assert len(charts(app)) == 1 and len(app.dataframe[0].value) == 13
         app = visit(app, "experts")
         app.selectbox(key="experts_run").set_value(option_index(app, "experts_run", "upc-int")).run()
         assert_clean(app)

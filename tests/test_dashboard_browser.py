@@ -1,5 +1,6 @@
-"""The dashboard served on loopback and opened in headless Chromium (Debian's, driven over the DevTools
-protocol): every page loads without an exception, the overview chart is drawn, screenshots are kept."""
+"""The dashboard served on loopback and opened in headless Chromium (Debian's, driven by Playwright): every
+page loads without an exception or an error box, the overview chart is drawn, screenshots are kept under
+test-artifacts/dashboard/ (where CI leaves them), and a planted error is caught."""
 
 from __future__ import annotations
 
@@ -28,20 +29,37 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@pytest.mark.slow
-def test_every_page_in_headless_chromium(tmp_path: Path, repo_root: Path) -> None:
+def _require_chromium() -> None:
     if not Path(browser.CHROMIUM).exists():
         pytest.fail(f"{browser.CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium)")
+
+
+@pytest.mark.slow
+def test_every_page_in_headless_chromium(tmp_path: Path, repo_root: Path) -> None:
+    _require_chromium()
     store = write_full_store(tmp_path)
     artifacts = repo_root / "test-artifacts" / "dashboard"
     with browser.serve(str(store), log=tmp_path / "streamlit.log") as server, browser.chromium() as tab:
-        pids = (server.pid, tab.pid)
+        server_pid, profile = server.pid, tab.profile
         for page, title in TITLES.items():
             state = tab.open(browser.page_url(server.url, page), want_chart=page == "overview")
             shot = tab.screenshot(artifacts / f"{page}.png")
-            assert state.exceptions == 0 and not state.traceback, f"{page}:\n{state.text}"
+            assert not state.broken, f"{page}:\n{state.text}"
             assert state.title == title, f"{page}:\n{state.text}"
             assert shot.stat().st_size > 10_000, "a screenshot of a drawn page"
             if page == "overview":
                 assert state.drawn >= 1, "the overview chart rendered (vega-embed canvas/svg)"
-    assert not any(_alive(pid) for pid in pids), "the test stops the processes it started"
+    assert not _alive(server_pid) and not browser.chromium_running(profile), "the test stops what it started"
+
+
+@pytest.mark.slow
+def test_an_error_box_on_a_page_is_caught(tmp_path: Path, repo_root: Path) -> None:
+    """A store that cannot be read makes the app say so in an st.error box: the browser check sees it."""
+    _require_chromium()
+    not_a_folder = tmp_path / "results"
+    not_a_folder.write_text("a file where the results store should be")
+    with browser.serve(str(not_a_folder), log=tmp_path / "streamlit.log") as server, browser.chromium() as tab:
+        state = tab.open(browser.page_url(server.url, "overview"))
+        tab.screenshot(repo_root / "test-artifacts" / "dashboard" / "planted-error.png")
+    assert state.errors == 1 and state.broken, state.text
+    assert "Cannot read the results store" in state.text

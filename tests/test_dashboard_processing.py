@@ -14,10 +14,18 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 import pytest
-from dashboard_store import full_rows, history, write_checkpoints, write_full_store, write_malformed_store
+from dashboard_store import (
+    REPLICATES,
+    full_rows,
+    history,
+    write_checkpoints,
+    write_full_store,
+    write_malformed_store,
+)
 from safetensors.numpy import load_file
+from scipy import stats
 
-from dashboard import checkpoints, experts, lineage, processing, runs
+from dashboard import charts, checkpoints, experts, lineage, processing, runs
 from dashboard.processing import COST_UNITS
 from rmoe_platform.results import ResultsStore
 
@@ -60,6 +68,7 @@ def test_cost_conversions(unit: str, expected: float) -> None:
 
 
 def test_overview_references_ratios_and_marginal_cost(frame: pd.DataFrame) -> None:
+    frame = processing.apply_filters(frame, processing.Filters(experiments=("exp-a",)))
     view = processing.overview(frame, "accuracy", COST_UNITS["device_hours"])
     plain = view.points[view.points["sweep_id"].isna()].set_index("pipeline")
     assert plain.loc["dense", "metric"] == 0.70, "the newer dense row supersedes the older one"
@@ -73,9 +82,12 @@ def test_overview_references_ratios_and_marginal_cost(frame: pd.DataFrame) -> No
     assert math.isnan(plain.loc["upcycle", "metric"]) and not plain.loc["upcycle", "pareto"]
     assert view.notes and "not plotted" in view.notes[0]
     trials = view.points[view.points["sweep_id"] == "sw-1"]
-    assert len(trials) == 4 and (trials["dense_metric"] == 0.70).all(), "trials fall back to the plain dense run"
+    assert len(trials) == 5 and (trials["dense_metric"] == 0.70).all(), "trials fall back to the plain dense run"
     front = set(view.points.loc[view.points["pareto"], "run_id"])
+    # the stopped trial (0.95 at 12.4 h) would dominate most of these: it is listed, never on the frontier
     assert front == {"exp-a-dense-0", "exp-a-rmoe_d-0", "exp-a-rmoe_i-e4-s12", "exp-a-rmoe_i-0", "exp-a-moe-0"}
+    assert view.points.loc[view.points["run_id"] == "exp-a-rmoe_i-e8-s24", "status"].item() == "stopped"
+    assert any("never on the frontier" in note for note in view.notes)
     marginal = processing.overview(frame, "accuracy", COST_UNITS["device_hours"], marginal=True).points
     assert marginal.loc[marginal["run_id"] == "exp-a-dense-0", "x"].item() == 0.0
 
@@ -93,14 +105,17 @@ def test_metric_choice_reaches_final_stage_metrics(frame: pd.DataFrame) -> None:
 
 def test_filters(frame: pd.DataFrame) -> None:
     options = processing.filter_options(frame)
-    assert options["experiments"] == ["exp-a", "exp-seg"] and options["sweeps"] == [processing.NO_SWEEP, "sw-1"]
+    assert options["experiments"] == ["exp-a", "exp-rep", "exp-seg"] and options["sweeps"] == [
+        processing.NO_SWEEP,
+        "sw-1",
+    ]
     assert options["tasks"] == ["classification", "segmentation"]
     only_seg = processing.apply_filters(frame, processing.Filters(tasks=("segmentation",)))
     assert set(only_seg["experiment"]) == {"exp-seg"}
     sweep = processing.apply_filters(frame, processing.Filters(sweeps=("sw-1",)))
     assert set(sweep["sweep_id"]) == {"sw-1"}
     plain = processing.apply_filters(frame, processing.Filters(sweeps=(processing.NO_SWEEP,)))
-    assert plain["sweep_id"].isna().all() and len(plain) == len(frame) - 12
+    assert plain["sweep_id"].isna().all() and len(plain) == len(frame) - 14
     assert len(processing.apply_filters(frame, processing.Filters())) == len(frame)
 
 
@@ -126,14 +141,61 @@ def test_stage_breakdown_and_lineage(frame: pd.DataFrame) -> None:
 def test_sweep_trials_and_pivots(frame: pd.DataFrame) -> None:
     points = processing.overview(frame, "accuracy", COST_UNITS["dollars"]).points
     trials = processing.sweep_trials(points, frame, "sw-1")
-    assert len(trials) == 4 and processing.swept_axes(trials) == ["num_experts", "residual_budget"]
+    assert len(trials) == 5 and processing.swept_axes(trials) == ["num_experts", "residual_budget"]
+    assert trials.loc[trials["num_experts"] == "8", "status"].item() == "stopped"
     assert sorted(trials["residual_budget"].unique()) == ['{"steps":12}', '{"steps":24}']
     cells = processing.sweep_pivot(trials, "num_experts", "residual_budget", "metric")
     cell = cells[(cells["num_experts"] == "4") & (cells["residual_budget"] == '{"steps":24}')]
     assert cell["value"].item() == pytest.approx(0.764) and cell["trials"].item() == 1
     by_experts = processing.sweep_pivot(trials, "num_experts", None, "cost")
-    assert by_experts.set_index("num_experts")["trials"].to_dict() == {"2": 2, "4": 2}
+    assert by_experts.set_index("num_experts")["trials"].to_dict() == {"2": 2, "4": 2}, "no cell of stopped trials"
     assert processing.label_order(["10", "9", "null", "abc", "2.5"]) == ["2.5", "9", "10", "abc", "null"]
+
+
+def test_replicates_are_one_point_with_intervals_and_the_frontier_is_over_means(frame: pd.DataFrame) -> None:
+    frame = processing.apply_filters(frame, processing.Filters(experiments=("exp-rep",)))
+    view = processing.overview(frame, "accuracy", COST_UNITS["dollars"])
+    points = view.points.set_index("pipeline")
+    assert len(points) == 3, "one point per pipeline, over its seeds (the stale seed-0 dense row superseded)"
+    for pipeline, by_seed in REPLICATES.items():
+        metrics = [metric for metric, _ in by_seed.values()]
+        dollars = [cost for _, cost in by_seed.values()]
+        expected = stats.ttest_1samp(metrics, 0.0).confidence_interval(0.95)
+        point = points.loc[pipeline]
+        assert point["seeds"] == 3 and point["seed_list"] == "0, 1, 2"
+        assert point["metric"] == pytest.approx(np.mean(metrics))
+        assert (point["metric_low"], point["metric_high"]) == (
+            pytest.approx(expected.low),
+            pytest.approx(expected.high),
+        )
+        assert point["cost"] == pytest.approx(np.mean(dollars)) and point["x_low"] < point["cost"] < point["x_high"]
+    rmoe, dense = REPLICATES["rmoe_i"], REPLICATES["dense"]
+    paired = stats.ttest_rel([rmoe[s][0] for s in rmoe], [dense[s][0] for s in rmoe]).confidence_interval(0.95)
+    assert points.loc["rmoe_i", "delta_low"] == pytest.approx(paired.low)
+    assert points.loc["rmoe_i", "delta_high"] == pytest.approx(paired.high)
+    assert bool(points.loc["rmoe_i", "delta_distinguishable"]) == (paired.low > 0)
+    # means: dense 0.71 at $1.0, rmoe_i 0.773 at $1.5, moe 0.813 at $4.2: all three on the frontier of means
+    assert points["pareto"].all()
+    table = processing.paper_table(view.points, "accuracy", COST_UNITS["dollars"]).set_index("pipeline")
+    half = (points.loc["rmoe_i", "metric_high"] - points.loc["rmoe_i", "metric_low"]) / 2
+    assert table.loc["rmoe_i", "accuracy ± (95% CI)"] == pytest.approx(half)
+    assert table.loc["rmoe_i", "Δ 95% CI"] == f"[{paired.low:+.4f}, {paired.high:+.4f}]"
+
+
+def test_overview_chart_draws_intervals_as_error_bars(frame: pd.DataFrame) -> None:
+    frame = processing.apply_filters(frame, processing.Filters(experiments=("exp-rep",)))
+    view = processing.overview(frame, "accuracy", COST_UNITS["dollars"])
+    spec = charts.overview_chart(view.points, view.references, metric="accuracy", cost_title="cost").to_dict()
+    datasets = spec["datasets"]
+    rules = [layer for layer in spec["layer"] if layer["mark"]["type"] == "rule" and "y2" in layer["encoding"]]
+    assert len(rules) == 1 and rules[0]["encoding"]["y"]["field"] == "metric_low"
+    drawn = pd.DataFrame(datasets[rules[0]["data"]["name"]]).set_index("pipeline")
+    points = view.points.set_index("pipeline")
+    for pipeline in REPLICATES:
+        assert drawn.loc[pipeline, "metric_low"] == pytest.approx(points.loc[pipeline, "metric_low"])
+        assert drawn.loc[pipeline, "metric_high"] == pytest.approx(points.loc[pipeline, "metric_high"])
+    across = [layer for layer in spec["layer"] if layer["mark"]["type"] == "rule" and "x2" in layer["encoding"]]
+    assert len(across) == 1 and across[0]["encoding"]["x2"]["field"] == "x_high", "cost intervals too"
 
 
 def test_labels_are_stable() -> None:

@@ -16,7 +16,8 @@ index = st.selectbox(
 )
 row = records[index]
 status = row.get("status")
-(st.error if status == "failed" else st.success if status == "succeeded" else st.info)(f"Status: {status}")
+# a failed run is data, shown as a warning: st.error is kept for the page's own failures (the browser test)
+(st.warning if status == "failed" else st.success if status == "succeeded" else st.info)(f"Status: {status}")
 if isinstance(row.get("error"), str) and row["error"]:
     st.subheader("Error")
     st.code(row["error"], language=None)
