@@ -87,6 +87,28 @@ def test_a_2x2_sweep_runs_every_trial_on_one_dense_core(ray_local, workspace: Pa
     assert any("trial" in line and "finished (succeeded)" in line and "best so far" in line for line in lines)
 
 
+def test_a_replicated_sweep_pairs_its_settings_by_seed(ray_local, workspace: Path) -> None:
+    path = write_sweep(
+        workspace,
+        "seeds",
+        pipeline="rmoe_d",
+        experiment={"seeds": [0, 1]},
+        space={"num_experts": {"grid": [2, 4]}},
+        scheduler={"type": "none"},
+    )
+    report = SweepDriver(SweepConfig.load(path), log=lambda _: None).run()
+    assert report.ok and len(report.rows) == 4
+    trials = rows(workspace, row_type="pipeline", sweep_id="seeds")
+    assert sorted((json.loads(r["params"])["num_experts"], r["seed"]) for r in trials) == [
+        (2, 0), (2, 1), (4, 0), (4, 1),
+    ]  # fmt: skip
+    cores = {r["seed"]: r["run_id"] for r in rows(workspace, row_type="stage", stage="upstream_dense")}
+    assert set(cores) == {0, 1}, "one dense core per seed"
+    for trial in trials:  # each replicate starts from its own seed's core
+        assert json.loads(trial["config"])["stages"][0]["run_id"] == cores[trial["seed"]]
+    assert "    2  " in report.table, "each setting is one entry, the mean of its 2 seeds"
+
+
 def test_asha_stops_a_clearly_worse_trial_early(ray_local, workspace: Path) -> None:
     # Downstream on the upstream data and classes: the dense core is already good there. Experts
     # initialised as core + 1e-3 noise keep that; with noise 30x the weights they are wrecked from the

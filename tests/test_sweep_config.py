@@ -13,8 +13,9 @@ from rmoe_platform.cli import sweep as sweep_cli
 from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.results.analysis import pareto_front
 from rmoe_platform.sweep import SweepConfig, SweepDriver
-from rmoe_platform.sweep.plan import representative_settings, trial_key
-from rmoe_platform.sweep.report import best_per_budget, format_tables, pareto_rows
+from rmoe_platform.sweep.driver import expected_trials
+from rmoe_platform.sweep.plan import SEED_PARAM, representative_settings, trial_key
+from rmoe_platform.sweep.report import best_per_budget, format_tables, pareto_rows, setting_rows
 from rmoe_platform.sweep.space import parse_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +53,24 @@ def test_a_valid_sweep_plans_one_shared_dense_core(tmp_path: Path) -> None:
     assert trial.experiment.pipelines == ("rmoe_i",)
     assert trial.key == trial_key({"residual_budget": {"steps": 4}, "num_experts": 4}), "key ignores order"
     assert not (tmp_path / "results").exists() and not (tmp_path / "data").exists(), "validation writes nothing"
+
+
+def test_a_replicated_sweep_runs_each_setting_once_per_seed(tmp_path: Path) -> None:
+    experiment = yaml.safe_load(SMOKE.read_text())
+    experiment.update(seeds=[0, 1], storage=str(tmp_path / "ckpt"), results=str(tmp_path / "results"))
+    driver = validate(write_sweep(tmp_path, experiment=experiment))
+    plan = driver.plan
+    assert plan is not None and plan.seeds == (0, 1) and plan.shared_stages == {"upstream_dense"}
+    assert plan.param_space()[SEED_PARAM] == {"grid_search": [0, 1]}
+    assert expected_trials(driver.sweep) == 8, "2 x 2 settings x 2 seeds"
+    setting = {"num_experts": 4, "residual_budget": {"steps": 4}}
+    first, second = plan.trial({**setting, SEED_PARAM: 0}), plan.trial({**setting, SEED_PARAM: 1})
+    assert first.params == second.params == setting, "replicates share their setting (the seed is apart)"
+    assert (first.experiment.seed, second.experiment.seed) == (0, 1) and first.experiment.seeds == ()
+    assert first.key != second.key and first.key.endswith("-s0") and second.key.endswith("-s1")
+    (tmp_path / "one").mkdir()
+    single = validate(write_sweep(tmp_path / "one")).plan
+    assert single is not None and SEED_PARAM not in single.param_space(), "one seed: no seed dimension"
 
 
 def test_budget_fraction_is_relative_to_the_upstream_samples(tmp_path: Path) -> None:
@@ -113,6 +132,10 @@ def test_the_job_exits_2_on_a_bad_space_before_starting_ray(tmp_path: Path, caps
     assert sweep_cli.main(["--config", str(path)]) == 2
     assert "budget steps must be a positive int, got -1" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+    assert sweep_cli.main(["--config", str(write_sweep(tmp_path)), "--seeds", "0,0"]) == 2
+    assert "seeds: each seed once" in capsys.readouterr().err
+    assert sweep_cli.main(["--config", str(write_sweep(tmp_path)), "--seeds", "a"]) == 2
+    assert "--seeds: expected comma-separated integers" in capsys.readouterr().err
 
 
 def test_resume_without_a_sweep_and_a_rerun_of_an_existing_one_are_refused(tmp_path: Path) -> None:
@@ -187,6 +210,25 @@ def test_pareto_table_and_best_per_budget() -> None:
     table = format_tables(rows, "dollars", "accuracy", "residual_budget")
     assert "5 trial(s): 1 stopped, 4 succeeded" in table and "Best setting per residual_budget" in table
     assert 'residual_budget={"steps":24}, num_experts=2' in table
+
+
+def test_replicates_of_a_setting_are_one_entry_of_the_tables() -> None:
+    small, large = {"steps": 8}, {"steps": 24}
+    rows = [
+        _row("a0", 0.50, 1.0, small),
+        _row("a1", 0.56, 1.2, small),
+        _row("a2", 0.53, 1.1, small),
+        _row("b0", 0.60, 2.0, large),
+        _row("b1", 0.90, 0.1, large, status="stopped"),  # a stopped replicate counts in no mean
+    ]
+    settings = {r["run_id"]: r for r in setting_rows(rows)}
+    a, b = settings["s-a2"], settings["s-b0"]
+    assert a["seeds"] == 3 and a["metric"] == pytest.approx(0.53) and a["dollars"] == pytest.approx(1.1)
+    assert a["metric_half_width"] == pytest.approx(4.302653 * 0.03 / 3**0.5, rel=1e-5)
+    assert b["seeds"] == 1 and b["metric"] == 0.60 and b["dollars"] == 2.0
+    assert [r["run_id"] for r in pareto_rows(rows, "dollars")] == ["s-a2", "s-b0"]
+    table = format_tables(rows, "dollars", "accuracy", "residual_budget")
+    assert "0.530      0.075      3" in table
 
 
 def test_optuna_samples_the_space_reproducibly(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from rmoe_platform.cli.options import add_seeds, seeds_override
 from rmoe_platform.cluster import connect
 from rmoe_platform.config.experiment import ExperimentConfig
 from rmoe_platform.config.fields import ConfigError
@@ -27,11 +28,7 @@ def parser(default_config: Path | None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--pipelines", help=f"comma-separated subset of {','.join(PIPELINES)}")
     parser.add_argument("--results", help="results store: a local path or s3://bucket/prefix")
-    parser.add_argument(
-        "--seeds",
-        help="comma-separated seeds, e.g. 0,1,2: every pipeline once per seed, compared with 95%% confidence "
-        "intervals and paired differences (overrides the config's seed/seeds)",
-    )
+    add_seeds(parser)
     parser.add_argument(
         "--estimate",
         action="store_true",
@@ -57,16 +54,8 @@ def load_experiment(args: argparse.Namespace) -> ExperimentConfig:
     if args.results:
         overrides.append(f"results={args.results}")
     if args.seeds:
-        overrides.append(f"seeds=[{parse_seeds(args.seeds)}]")
+        overrides.append(seeds_override(args.seeds, "seeds"))
     return ExperimentConfig.load(args.config, overrides)
-
-
-def parse_seeds(text: str) -> str:
-    """`--seeds 0,1,2` as the YAML list body `0, 1, 2` (a ConfigError naming the flag otherwise)."""
-    parts = [part.strip() for part in text.split(",")]
-    if not all(part.isdigit() for part in parts):
-        raise ConfigError(f"--seeds: expected comma-separated integers >= 0 (e.g. 0,1,2), got {text!r}")
-    return ", ".join(parts)
 
 
 def main(argv: list[str], default_config: Path | None = None) -> int:

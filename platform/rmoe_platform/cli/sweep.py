@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from rmoe_platform.cli.options import add_seeds, seeds_override
 from rmoe_platform.cluster import connect
 from rmoe_platform.config.fields import ConfigError
 
@@ -28,6 +29,7 @@ def parser(default_config: Path | None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--results", help="results store: a local path or s3://bucket/prefix")
     parser.add_argument("--resume", action="store_true", help="finish an interrupted sweep of the same name")
+    add_seeds(parser)
     return parser
 
 
@@ -40,6 +42,8 @@ def main(argv: list[str], default_config: Path | None = None) -> int:
         if args.config is None:
             raise ConfigError("--config: a sweep file is required")
         overrides = list(args.overrides) + ([f"experiment.results={args.results}"] if args.results else [])
+        if args.seeds:
+            overrides.append(seeds_override(args.seeds, "experiment.seeds"))
         sweep = SweepConfig.load(args.config, overrides)
         driver = SweepDriver(sweep, resume=args.resume, log=lambda line: print(line, flush=True))
         driver.validate()

@@ -55,7 +55,8 @@ class SweepDriver:
     def validate(self) -> SweepPlan:
         """Everything that can fail before a trial starts (nothing is written): the experiment, every
         setting of the space, the resume state."""
-        runner = ExperimentRunner(self.sweep.base_experiment, self.store, s3=self.access, log=self.log)
+        base = self.sweep.base_experiment
+        runner = ExperimentRunner(base.for_seed(base.replicate_seeds[0]), self.store, s3=self.access, log=self.log)
         runner.validate()
         upstream_rows = runner.dataset_checks["experiment.upstream.data"].num_train
         plan = build_plan(self.sweep, self.access, upstream_rows)
@@ -89,11 +90,14 @@ class SweepDriver:
         if not plan.shared_stages:
             return
         marker = SweepTrial(plan.sweep_id, "shared", {}, plan.shared_stages)
-        runner = ExperimentRunner(self.sweep.base_experiment, self.store, s3=self.access, log=self.log, trial=marker)
-        outcomes = runner.run_stages(set(plan.shared_stages))
-        failed = [o for o in outcomes.values() if not o.ok]
-        if failed:
-            raise RuntimeError(f"sweep {plan.sweep_id}: shared stage {failed[0].node.key} failed: {failed[0].error}")
+        for seed in plan.seeds:  # each seed's trials share that seed's dense core
+            exp = self.sweep.base_experiment.for_seed(seed)
+            runner = ExperimentRunner(exp, self.store, s3=self.access, log=self.log, trial=marker)
+            outcomes = runner.run_stages(set(plan.shared_stages))
+            failed = [o for o in outcomes.values() if not o.ok]
+            if failed:
+                stage, error = failed[0].node.key, failed[0].error
+                raise RuntimeError(f"sweep {plan.sweep_id}: shared stage {stage} (seed {seed}) failed: {error}")
 
     def _tuner(self, plan: SweepPlan, concurrency: int) -> tune.Tuner:
         trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": DRIVER_CPUS_PER_TRIAL})
@@ -109,7 +113,7 @@ class SweepDriver:
         search = self.sweep.search
         return tune.Tuner(
             trainable,
-            param_space=plan.space.param_space(),
+            param_space=plan.param_space(),
             tune_config=tune.TuneConfig(
                 metric=METRIC,
                 mode="max",
@@ -186,9 +190,10 @@ def scheduler(sweep: SweepConfig) -> TrialScheduler:
 
 
 def expected_trials(sweep: SweepConfig) -> int | None:
+    """Settings x seeds: each setting runs once per seed of the experiment."""
     space = sweep.search_space()
     grids = math.prod(len(p.values) for p in space.params if p.distribution == "grid")
-    return grids * sweep.search.num_samples
+    return grids * sweep.search.num_samples * len(sweep.base_experiment.replicate_seeds)
 
 
 def max_concurrent_trials(sweep: SweepConfig, plan: SweepPlan) -> int:

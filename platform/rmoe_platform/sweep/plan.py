@@ -23,11 +23,14 @@ DATA_CPUS_PER_TRIAL = 1.0  # for Ray Data's decode tasks beside a trial's Train 
 DRIVER_CPUS_PER_TRIAL = 1.0  # the trial function itself (it builds the TorchTrainer and waits on it)
 
 
+SEED_PARAM = "seed"  # the Tune parameter of a replicated sweep: every setting runs once per experiment seed
+
+
 @dataclass(frozen=True)
 class TrialSpec:
-    key: str  # stable id of the setting within the sweep
-    params: dict[str, Any]
-    experiment: ExperimentConfig
+    key: str  # stable id of the setting (and seed, in a replicated sweep) within the sweep
+    params: dict[str, Any]  # the swept setting; the seed is not part of it (replicates share a setting)
+    experiment: ExperimentConfig  # one seed's experiment
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,26 @@ class SweepPlan:
     upstream_samples: int  # samples the upstream stage trains on: a budget `fraction` is relative to it
     access: S3Access
 
-    def trial(self, params: dict[str, Any]) -> TrialSpec:
-        data = apply_params(self.sweep.base_experiment.to_dict(), self.space, params, self.fraction_to_steps)
-        return TrialSpec(trial_key(params), dict(params), ExperimentConfig.from_dict(data))
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return self.sweep.base_experiment.replicate_seeds
+
+    def param_space(self) -> dict[str, Any]:
+        """Tune's space: the swept parameters and, when the experiment has several seeds, a grid over them
+        (each setting's replicates are trials of their own, paired with the other settings by seed)."""
+        space = self.space.param_space()
+        if len(self.seeds) > 1:
+            from ray import tune
+
+            space[SEED_PARAM] = tune.grid_search(list(self.seeds))
+        return space
+
+    def trial(self, config: dict[str, Any]) -> TrialSpec:
+        """The trial of one Tune config: its setting, its seed's experiment and its key."""
+        params, seed = split_seed(config, self.seeds)
+        base = self.sweep.base_experiment.for_seed(seed)
+        data = apply_params(base.to_dict(), self.space, params, self.fraction_to_steps)
+        return TrialSpec(trial_key(config, self.seeds), params, ExperimentConfig.from_dict(data))
 
     def fraction_to_steps(self, fraction: float) -> int:
         """Steps of the residual stage that train on `fraction` of the upstream stage's samples (about that
@@ -55,9 +75,18 @@ class SweepPlan:
         return max(1, round(fraction * self.upstream_samples / batch))
 
 
-def trial_key(params: dict[str, Any]) -> str:
+def split_seed(config: dict[str, Any], seeds: tuple[int, ...]) -> tuple[dict[str, Any], int]:
+    """A Tune config as (the swept setting, the seed it runs with)."""
+    params = {k: v for k, v in config.items() if k != SEED_PARAM}
+    return params, int(config.get(SEED_PARAM, seeds[0]))
+
+
+def trial_key(config: dict[str, Any], seeds: tuple[int, ...] = (0,)) -> str:
+    """A trial's stable id: the setting's hash, and its seed when the sweep has several."""
+    params, seed = split_seed(config, seeds)
     payload = json.dumps(params, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:10]
+    key = hashlib.sha256(payload.encode()).hexdigest()[:10]
+    return f"{key}-s{seed}" if len(seeds) > 1 else key
 
 
 def build_plan(sweep: SweepConfig, access: S3Access, upstream_train_rows: int) -> SweepPlan:

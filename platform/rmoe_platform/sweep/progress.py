@@ -19,7 +19,7 @@ from rmoe_platform.pipelines.accounting import Cost
 from rmoe_platform.results import ResultsStore
 from rmoe_platform.results.rows import RowContext, git_commit, stopped_trial_row
 from rmoe_platform.storage.s3 import S3Access
-from rmoe_platform.sweep.plan import trial_key
+from rmoe_platform.sweep.plan import split_seed, trial_key
 from rmoe_platform.sweep.trial import DONE, METRIC, PRIOR_COST_PREFIX, TIME_ATTR
 
 STATUS_LABELS = {"TERMINATED": "ended", "ERROR": "failed", "RUNNING": "running", "PENDING": "pending"}
@@ -40,17 +40,20 @@ class SweepProgress(Callback):
         self.__dict__.update(state)
         self.log = print
 
+    def _key(self, trial: Any) -> str:
+        return trial_key(dict(trial.config), self.experiment.replicate_seeds)
+
     # ---- Tune hooks ----------------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         counts = self._counts(trials, current=trial)
-        self.log(f"[sweep {self.sweep_id}] trial {_key(trial)} started: {_setting(trial)}  ({counts})")
+        self.log(f"[sweep {self.sweep_id}] trial {self._key(trial)} started: {_setting(trial)}  ({counts})")
 
     def on_trial_result(
         self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
     ) -> None:
         if TIME_ATTR in result and DONE not in result:
             self.log(
-                f"[sweep {self.sweep_id}] trial {_key(trial)}: {self._metric_name} {result[METRIC]:.3f} "
+                f"[sweep {self.sweep_id}] trial {self._key(trial)}: {self._metric_name} {result[METRIC]:.3f} "
                 f"at evaluation {result[TIME_ATTR]} of {result.get('stage')}"
             )
 
@@ -66,12 +69,12 @@ class SweepProgress(Callback):
         else:
             what = "ended without a result"
         counts = self._counts(trials, current=trial, current_status="TERMINATED")
-        self.log(f"[sweep {self.sweep_id}] trial {_key(trial)} {what}  ({counts}){self._best(trials)}")
+        self.log(f"[sweep {self.sweep_id}] trial {self._key(trial)} {what}  ({counts}){self._best(trials)}")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         error = str(getattr(trial, "error_file", "") or "")
         counts = self._counts(trials, current=trial, current_status="ERROR")
-        self.log(f"[sweep {self.sweep_id}] trial {_key(trial)} FAILED {error}  ({counts})")
+        self.log(f"[sweep {self.sweep_id}] trial {self._key(trial)} FAILED {error}  ({counts})")
 
     # ---- helpers -------------------------------------------------------------------------------
     @property
@@ -109,14 +112,15 @@ class SweepProgress(Callback):
         """A pipeline row for a trial ASHA stopped: its metric at the stop, the cost of its finished
         stages plus the device time of the stage it was in (that stage's FLOPs are not counted)."""
         store = self.store()
-        run_id = f"{self.sweep_id}-{_key(trial)}"
+        run_id = f"{self.sweep_id}-{self._key(trial)}"
         if any(r["status"] != "failed" for r in store.rows(row_type="pipeline", run_id=run_id)):
             return  # written before an interruption
         # a 'failed' row may come from the trial itself, its stage torn down by this very stop: the
         # 'stopped' row written after it supersedes it (readers keep a run's newest row)
         exp = self.experiment
         prior = Cost.from_fields(result, PRIOR_COST_PREFIX)
-        context = RowContext(exp.name, exp.arch, git_commit(), sweep_id=self.sweep_id, params=dict(trial.config))
+        params, seed = split_seed(dict(trial.config), exp.replicate_seeds)
+        context = RowContext(exp.name, exp.arch, git_commit(), seed, sweep_id=self.sweep_id, params=params)
         row = stopped_trial_row(
             context,
             exp,
@@ -128,10 +132,6 @@ class SweepProgress(Callback):
             stage_device_seconds=float(result.get("stage_device_seconds", 0.0)),
         )
         store.append([row])
-
-
-def _key(trial: Any) -> str:
-    return trial_key(dict(trial.config))
 
 
 def _setting(trial: Any) -> str:
