@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from rmoe_platform.config.stage import StageConfig
+from rmoe_platform.cost.devices import device_table
 from rmoe_platform.cost.ledger import COMPUTE_PARTS, DRIVER_PARTS, WORKER_PARTS
 from rmoe_platform.pipelines.accounting import stage_cost
 from rmoe_platform.stage.prepare import prepare_stage
@@ -64,7 +65,9 @@ def test_ledger_adds_up_and_the_compared_cost_is_compute_only(ray_local, tmp_pat
         assert cost.dollars == pytest.approx(compute / 3600 * 0.05), "overhead is never priced into the cost"
         achieved = result.cost.achieved_flops_per_second
         assert achieved == pytest.approx(result.cost.train_flops / ledger.train)
-        assert result.cost.mfu == pytest.approx(achieved / 1e11)  # the table's nominal CPU worker
+        assert result.cost.mfu() == pytest.approx(achieved / 1e11)  # the table's nominal CPU worker
+        faster = device_table({"cpu": {"peak_fp32": 2e11}})
+        assert result.cost.mfu(faster) == pytest.approx(achieved / 2e11), "the experiment's table counts"
         assert result.cost.device_model == "cpu"
     ratio = long.cost.ledger.train / short.cost.ledger.train
     assert 1.5 <= ratio <= 3.0, (short.cost.ledger.parts(), long.cost.ledger.parts())

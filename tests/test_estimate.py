@@ -51,19 +51,12 @@ def test_estimate_prints_every_pipeline_without_ray(preset: Path, monkeypatch) -
         if stage.mfu_source == "declared":
             assert exp.upstream.imported and key == "upstream_dense"
             continue
-        node = next(n for nodes in plan_pipelines_for(exp).values() for n in nodes if n.key == key)
-        data = sizes[data_field(key)]
-        steps = node.config.budget.steps or node.config.budget.epochs * (data.num_train // node.config.batch_size)
-        assert stage.samples == steps * node.config.batch_size
+        config, data = stage.config, sizes[data_field(key)]
+        steps = config.budget.steps or config.budget.epochs * (data.num_train // config.batch_size)
+        assert stage.samples == steps * config.batch_size
         assert stage.cost.flops == pytest.approx(stage.flops_per_sample * stage.samples, rel=1e-12)
         spec = DEVICES["h100"]
         assert stage.cost.device_seconds == pytest.approx(stage.cost.flops / (spec.peak("bf16") * spec.mfu))
-
-
-def plan_pipelines_for(exp: ExperimentConfig):
-    from rmoe_platform.cost.estimate import _declared_core
-
-    return plan_pipelines(exp, _declared_core(exp) if exp.upstream.imported else None)
 
 
 def data_field(key: str) -> str:
@@ -120,9 +113,9 @@ def test_ratios_to_moe_and_dense_are_printed_from_compute_cost() -> None:
     assert code == 0
     est = estimate(ExperimentConfig.load(preset), "l4")
     row = next(line for line in out.splitlines() if line.startswith("rmoe_i "))
-    moe, dense = est.pipeline_cost("moe"), est.pipeline_cost("rmoe_i")
-    assert row.split()[-2] == f"{dense.device_seconds / moe.device_seconds:.3f}"
-    assert row.split()[-1] == f"{dense.device_seconds / est.pipeline_cost('dense').device_seconds:.3f}"
+    moe, rmoe_i = est.pipeline_cost("moe"), est.pipeline_cost("rmoe_i")
+    assert row.split()[-2] == f"{rmoe_i.device_seconds / moe.device_seconds:.3f}"
+    assert row.split()[-1] == f"{rmoe_i.device_seconds / est.pipeline_cost('dense').device_seconds:.3f}"
 
 
 def test_calibration_replaces_the_assumed_utilisation(tmp_path: Path) -> None:
@@ -178,7 +171,7 @@ def test_an_epoch_budget_on_an_unknown_dataset_is_refused_naming_the_field() -> 
     preset = str(ROOT / "configs" / "paper" / "ade20k_upernet_swin_t.yaml")
     code, _, err = run_cli("--config", preset, "--estimate", "--set", "upstream.data.uri=my-own-set")
     assert code == 2 and "experiment.upstream.data.uri" in err and "my-own-set" in err
-    assert set(KNOWN_DATASETS) == {"imagenet-1k", "ade20k", "coco-2017"}
+    assert all(name in err for name in KNOWN_DATASETS), "the error names the datasets an epoch budget can use"
 
 
 def test_the_demo_projects_on_cpu_by_default() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from rmoe_platform.config.fields import ConfigError, from_dict
@@ -96,7 +96,3 @@ def identify(device_name: str) -> str | None:
         if key in lowered.replace(" ", "").replace("-", ""):
             return key
     return None
-
-
-def with_mfu(spec: DeviceSpec, mfu: float) -> DeviceSpec:
-    return replace(spec, mfu=mfu)

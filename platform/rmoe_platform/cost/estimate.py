@@ -21,7 +21,7 @@ from rmoe_platform import storage
 from rmoe_platform.config.experiment import ExperimentConfig
 from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.config.stage import DataSpec, StageConfig
-from rmoe_platform.cost.devices import DeviceSpec, device_named, device_table, with_mfu
+from rmoe_platform.cost.devices import DeviceSpec, device_named, device_table
 from rmoe_platform.datasets.format import DataFacts
 from rmoe_platform.datasets.ingest import load_card
 from rmoe_platform.pipelines.accounting import Cost, declared_cost, stage_cost, total
@@ -55,6 +55,7 @@ class PlannedData:
 class StageEstimate:
     key: str
     kind: str
+    config: StageConfig  # what the stage would train with (its budget and batch size set the samples)
     samples: int
     flops_per_sample: float
     precision: str
@@ -130,7 +131,7 @@ def _stage_estimate(
     measured: Mapping[str, float],
 ) -> StageEstimate:
     if node.imported is not None:  # charged what the user declares, as in a run
-        return StageEstimate(node.key, node.kind, 0, 0.0, "-", 0.0, "declared", node.imported.cost)
+        return StageEstimate(node.key, node.kind, node.config, 0, 0.0, "-", 0.0, "declared", node.imported.cost)
     config = node.config
     data = sizes[_data_field(exp, node)]
     config = replace(config, model=replace(config.model, num_classes=config.model.num_classes or data.num_classes))
@@ -151,13 +152,12 @@ def _stage_estimate(
     per_sample = flops_cache[model_key]
     precision = _precision(config.precision, device)
     mfu = measured.get(node.key, measured.get("*"))
-    used = with_mfu(device, mfu) if mfu is not None else device
+    used = replace(device, mfu=mfu) if mfu is not None else device
     flops = per_sample * samples
     seconds = flops / (used.peak(precision) * used.mfu)
     cost = stage_cost(flops, seconds, device.kind, {device.kind: device.price(exp.prices)})
-    return StageEstimate(
-        node.key, node.kind, samples, per_sample, precision, used.mfu, "assumed" if mfu is None else "measured", cost
-    )
+    source = "assumed" if mfu is None else "measured"
+    return StageEstimate(node.key, node.kind, node.config, samples, per_sample, precision, used.mfu, source, cost)
 
 
 def planned_flops_per_sample(config: StageConfig, facts: DataFacts, head_cache: dict[str, float]) -> float:

@@ -13,6 +13,7 @@ from typing import Any
 from rmoe_platform import storage
 from rmoe_platform.config.experiment import ExperimentConfig
 from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.cost.devices import device_table
 from rmoe_platform.cost.ledger import StageLedger
 from rmoe_platform.datasets.checks import DatasetCheck, check_dataset, ensure_dataset
 from rmoe_platform.datasets.format import DatasetCard
@@ -56,7 +57,8 @@ class ExperimentRunner:
         self.log = log
         self.stage_runner = stage_runner
         trial_fields = {"sweep_id": trial.sweep_id, "params": trial.params} if trial else {}
-        self.rows = RowContext(exp.name, exp.arch, git_commit(), exp.seed, **trial_fields)
+        devices = device_table(exp.devices)
+        self.rows = RowContext(exp.name, exp.arch, git_commit(), exp.seed, devices=devices, **trial_fields)
         self._succeeded: dict[str, list[dict[str, Any]]] = {}
         # validate()'s stage graph and dataset checks, reused by run()
         self._validated: tuple[dict[str, list[StageNode]], dict[str, DatasetCheck]] | None = None

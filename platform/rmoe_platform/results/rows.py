@@ -7,10 +7,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rmoe_platform.cost.devices import DEVICES, DeviceSpec
 from rmoe_platform.pipelines.accounting import SECONDS_PER_DAY, Cost, stage_cost
 
 if TYPE_CHECKING:
@@ -21,13 +23,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RowContext:
-    """What every row of one run shares: the experiment, its seed, the code that ran it and, for a sweep
-    trial, the sweep and the sampled setting."""
+    """What every row of one run shares: the experiment, its seed, the code that ran it, its device table
+    (a stage's measured utilisation is against the peaks it states) and, for a sweep trial, the sweep and
+    the sampled setting."""
 
     experiment: str
     arch: str
     git_commit: str | None
     seed: int | None = None
+    devices: Mapping[str, DeviceSpec] = field(default_factory=lambda: dict(DEVICES))  # the experiment's table
     sweep_id: str | None = None
     params: dict[str, Any] | None = None
 
@@ -87,7 +91,7 @@ def stage_row(
         "num_workers": config.scaling.num_workers,
         "wall_seconds": result.cost.wall_seconds if result else None,
         "achieved_flops_per_second": result.cost.achieved_flops_per_second if result else None,
-        "mfu": result.cost.mfu if result else None,
+        "mfu": result.cost.mfu(ctx.devices) if result else None,
         "device_model": result.cost.device_model if result else None,
         "ledger": result.cost.ledger.as_row() if result else None,
         "telemetry": {k: v for k, v in metrics.items() if k.startswith("moe/") or k == "precision"},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from ray.train.v2.api.callback import UserCallback
 from rmoe_platform import storage
 from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.config.stage import StageConfig
-from rmoe_platform.cost.devices import DEVICES
+from rmoe_platform.cost.devices import DEVICES, DeviceSpec
 from rmoe_platform.cost.ledger import StageLedger, pop_ledger
 from rmoe_platform.stage.data import stage_data
 from rmoe_platform.stage.payload import WorkerPayload
@@ -68,11 +69,11 @@ class StageCost:
     def achieved_flops_per_second(self) -> float | None:
         return self.ledger.achieved_flops_per_second(self.train_flops)
 
-    @property
-    def mfu(self) -> float | None:
+    def mfu(self, devices: Mapping[str, DeviceSpec] = DEVICES) -> float | None:
         """Model FLOP utilisation: achieved FLOP/s ÷ (the device's peak in the stage's precision × devices),
-        on a device the table knows (None elsewhere)."""
-        achieved, spec = self.achieved_flops_per_second, DEVICES.get(self.device_model)
+        on a device `devices` knows (None elsewhere): pass the experiment's table (`device_table`), whose
+        overrides then count in the measured utilisation as they do in projections."""
+        achieved, spec = self.achieved_flops_per_second, devices.get(self.device_model)
         if achieved is None or spec is None:
             return None
         return achieved / (spec.peak(self.precision) * self.num_workers)
