@@ -180,3 +180,5 @@ def test_the_demo_projects_on_cpu_by_default() -> None:
     assert "on cpu" in out and all(any(ln.startswith(f"{p} ") for ln in out.splitlines()) for p in PIPELINES)
     cost = estimate(ExperimentConfig.load(ROOT / "configs" / "demo.yaml")).pipeline_cost("rmoe_i")
     assert cost.gpu_days == 0 and math.isclose(cost.dollars, cost.device_hours * 0.05)  # prices.cpu
+    code, out, err = run_cli("--config", str(ROOT / "configs" / "demo.yaml"), "--estimate", "--seeds", "0,1,2")
+    assert code == 0 and "seeds 0, 1, 2: every pipeline runs once per seed, 3x these costs" in out, err

@@ -121,6 +121,9 @@ def print_estimate(args: argparse.Namespace) -> int:
                     f"(devices: {known})"
                 )
         print(format_estimate(estimate(exp, args.device, measured)))
+        seeds = exp.replicate_seeds
+        if len(seeds) > 1:
+            print(f"seeds {', '.join(map(str, seeds))}: every pipeline runs once per seed, {len(seeds)}x these costs")
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
