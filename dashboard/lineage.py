@@ -7,15 +7,20 @@ from typing import Any
 
 import pandas as pd
 
-from dashboard.processing import CostUnit, cost_of, isnan, latest_pipeline_rows
+from dashboard.processing import NO_SEED, CostUnit, cost_of, isnan, latest_pipeline_rows, seeds_of
 
 
 def stage_breakdown(frame: pd.DataFrame, unit: CostUnit) -> pd.DataFrame:
     """Each pipeline run's stages in order with their cost in `unit` (from the stage's own row when the
-    store has it, else from the pipeline row's summary) and whether pipelines share the stage."""
+    store has it, else from the pipeline row's summary) and whether pipelines share the stage. `run` is the
+    experiment run (or sweep trial) and, for replicates, its seed: each seed's pipelines are one run."""
     stage_rows = {r["run_id"]: r for r in frame[frame["row_type"] == "stage"].to_dict("records")}
     out = []
-    for row in latest_pipeline_rows(frame).to_dict("records"):
+    latest = latest_pipeline_rows(frame)
+    latest = latest.assign(_seed=seeds_of(latest))
+    for row in latest.to_dict("records"):
+        seed = int(row["_seed"])
+        run = row["group"] + (f"|seed {seed}" if seed != NO_SEED else "")
         stages = (row["config"] or {}).get("stages") or []
         for position, entry in enumerate(stages):
             if not isinstance(entry, dict):
@@ -25,6 +30,8 @@ def stage_breakdown(frame: pd.DataFrame, unit: CostUnit) -> pd.DataFrame:
                 {
                     "experiment": row["experiment"],
                     "group": row["group"],
+                    "run": run,
+                    "seed": seed,
                     "params": row["params_label"],
                     "pipeline": row["pipeline"],
                     "position": position,
@@ -36,7 +43,8 @@ def stage_breakdown(frame: pd.DataFrame, unit: CostUnit) -> pd.DataFrame:
                     "overhead_hours": _overhead_hours(source),
                 }
             )
-    columns = ["experiment", "group", "params", "pipeline", "position", "stage", "run_id", "status", "shared", "cost"]
+    columns = ["experiment", "group", "run", "seed", "params", "pipeline", "position", "stage", "run_id", "status"]
+    columns += ["shared", "cost"]
     columns.append("overhead_hours")
     return pd.DataFrame(out, columns=columns)
 

@@ -133,6 +133,10 @@ def test_stage_breakdown_and_lineage(frame: pd.DataFrame) -> None:
     chain = lineage.lineage(frame, "rmoe_i-down")
     assert list(chain["run_id"]) == ["up-dense", "res-i", "rmoe_i-down"]
     assert list(lineage.lineage(frame, "nowhere")["stage"]) == ["(not in the store)"]
+    replicated = breakdown[breakdown["experiment"] == "exp-rep"]
+    assert sorted(set(replicated["run"])) == ["exp-rep|||seed 0", "exp-rep|||seed 1", "exp-rep|||seed 2"]
+    one_run = replicated[replicated["run"] == "exp-rep|||seed 1"]
+    assert sorted(one_run["pipeline"]) == ["dense", "moe", "rmoe_i"], "a seed's pipelines, not the sum of seeds"
     dot = lineage.lineage_dot(breakdown[breakdown["group"] == "exp-a||"])
     assert dot.count('"up-dense" [') == 1, "a shared stage is drawn once"
     assert '"up-dense" -> "res-i"' in dot and "fillcolor" in dot

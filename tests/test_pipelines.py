@@ -95,9 +95,13 @@ STAGE_HASHES_BEFORE_THE_MOVE = {
 }
 
 
+# Presets changed since the hashes were recorded, kept as they were then (the demo got its issue-20 setting).
+FORMER_PRESETS = {"demo": ROOT / "tests" / "presets" / "demo_before_issue20.yaml"}
+
+
 @pytest.mark.parametrize("preset", sorted(STAGE_HASHES_BEFORE_THE_MOVE))
 def test_stage_hashes_of_the_presets_are_unchanged(preset: str) -> None:
-    exp = ExperimentConfig.load(ROOT / "configs" / f"{preset}.yaml")
+    exp = ExperimentConfig.load(FORMER_PRESETS.get(preset, ROOT / "configs" / f"{preset}.yaml"))
     hashes = {node.key: node.config_hash for stages in plan_pipelines(exp).values() for node in stages}
     assert hashes == STAGE_HASHES_BEFORE_THE_MOVE[preset]
 

@@ -105,3 +105,10 @@ def test_two_seeds_of_the_smoke_preset_give_paired_per_seed_rows_and_their_summa
     table = format_replicates(report)
     assert f"{rmoe_d.vs_dense.mean:+.3f} [{rmoe_d.vs_dense.low:+.3f}, {rmoe_d.vs_dense.high:+.3f}]" in table
     assert "2 seeds (0, 1)" in table
+
+
+def test_demo_seeds_is_the_demo_over_three_seeds() -> None:
+    demo = ExperimentConfig.load(ROOT / "configs" / "demo.yaml")
+    seeds = ExperimentConfig.load(ROOT / "configs" / "demo_seeds.yaml")
+    assert seeds.replicate_seeds == (0, 1, 2)
+    assert seeds.for_seed(0) == demo, "the same setting: `make demo`'s stages are seed 0's, found in the cache"

@@ -10,16 +10,16 @@ breakdown = lineage.stage_breakdown(ctx.frame, ctx.unit)
 if breakdown.empty:
     st.info("No pipeline summaries yet: each pipeline writes one when its last stage finishes.")
     st.stop()
-groups = list(dict.fromkeys(breakdown["group"]))
-labels = {g: " · ".join(p for p in g.split("|") if p) for g in groups}
-group = st.selectbox("Experiment run", groups, format_func=labels.__getitem__, key="pipelines_group")
-chosen = breakdown[breakdown["group"] == group]
+runs = list(dict.fromkeys(breakdown["run"]))
+labels = {r: " · ".join(p for p in r.split("|") if p) for r in runs}
+run_key = st.selectbox("Experiment run", runs, format_func=labels.__getitem__, key="pipelines_group")
+chosen = breakdown[breakdown["run"] == run_key]
 st.altair_chart(charts.stage_bars(chosen, f"training cost ({ctx.unit.label})"), width="stretch")
 st.caption(
     "Lighter bars: stages shared by several pipelines (trained once, charged in full to each). Bars are compute "
     "cost; overhead_hours is each stage's start-up, checkpoint and teardown time x devices, apart from it."
 )
-ui.table(chosen.drop(columns=["group"]), "stage-costs", caption="stage costs")
+ui.table(chosen.drop(columns=["group", "run"]), "stage-costs", caption="stage costs")
 st.subheader("Lineage")
 st.graphviz_chart(lineage.lineage_dot(chosen))
 run_ids = [r for r in dict.fromkeys(chosen.sort_values("position", ascending=False)["run_id"]) if r]
