@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         browser.chromium(width=args.width, height=args.height) as tab,
     ):
         state = tab.open(browser.page_url(server.url, args.page), want_chart=args.page == "overview")
-        if state.exceptions or state.traceback:
-            print(f"the page shows an exception:\n{state.text}", file=sys.stderr)
+        if state.broken:
+            print(f"the page shows an error:\n{state.text}", file=sys.stderr)
             return 1
         tab.screenshot(args.out)
     print(f"saved {args.out}")
