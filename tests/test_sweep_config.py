@@ -259,5 +259,6 @@ def test_relative_paths_are_resolved_on_the_driver(tmp_path: Path, monkeypatch) 
     sweep = SweepConfig.load(ROOT / "configs" / "sweeps" / "demo.yaml")
     exp = sweep.experiment
     assert exp.storage == str(tmp_path / "runs" / "checkpoints") and exp.results == str(tmp_path / "runs" / "results")
-    assert exp.datasets()["experiment.upstream.data"].uri == str(tmp_path / "runs" / "data" / "shapes10-up")
+    name = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["upstream"]["data"]["uri"]  # a bare name
+    assert exp.datasets()["experiment.upstream.data"].uri == str(tmp_path / "runs" / "data" / name)
     assert sweep.base_experiment.pipelines == ("rmoe_i",)
