@@ -126,8 +126,8 @@ class ResidualExperts(_ExpertMlpBase):
         dev, dt = core_w1_DH.device, core_w1_DH.dtype
         self.res_b1_EH = nn.Parameter(torch.zeros(E, H, device=dev, dtype=dt)) if core_b1_H is not None else None
         self.res_b2_EO = nn.Parameter(torch.zeros(E, O, device=dev, dtype=dt)) if core_b2_O is not None else None
-        s1 = init_noise * _std(core_w1_DH)
-        s2 = init_noise * _std(core_w2_HO)
+        s1 = init_noise * weight_std(core_w1_DH)
+        s2 = init_noise * weight_std(core_w2_HO)
         if rank is None:
             self.res_w1_EDH = nn.Parameter(_normal((E, D, H), s1, core_w1_DH, generator))
             self.res_w2_EHO = nn.Parameter(_normal((E, H, O), s2, core_w2_HO, generator))
@@ -237,6 +237,6 @@ def _normal(shape: tuple[int, ...], std: float, like: torch.Tensor, generator: t
     return out.to(device=like.device, dtype=like.dtype)
 
 
-def _std(weight: torch.Tensor) -> float:
+def weight_std(weight: torch.Tensor) -> float:
     """The weight's standard deviation (1.0 on the meta device, where models are built for their shapes only)."""
     return 1.0 if weight.is_meta else float(weight.detach().float().std())

@@ -15,7 +15,7 @@ from torch import nn
 from rmoe.moe.aux import MoEAux, compute_aux
 from rmoe.moe.config import AuxLossWeights, MoEConfig
 from rmoe.moe.dispatch import LocalDispatcher, TokenDispatcher
-from rmoe.moe.experts import GroupedExperts, ResidualExperts
+from rmoe.moe.experts import GroupedExperts, ResidualExperts, weight_std
 from rmoe.moe.routing import TopKRouter
 
 
@@ -215,7 +215,7 @@ def _copied_experts(
     ).to(device=fc1.weight.device, dtype=fc1.weight.dtype)
     with torch.no_grad():
         for param, dense in ((experts.w1_EDH, fc1.weight.t()), (experts.w2_EHO, fc2.weight.t())):
-            noise = torch.randn(param.shape, generator=generator) * config.init_noise * float(dense.float().std())
+            noise = torch.randn(param.shape, generator=generator) * config.init_noise * weight_std(dense)
             param.copy_(dense.expand_as(param) + noise.to(param))
         if experts.b1_EH is not None and experts.b2_EO is not None:
             experts.b1_EH.copy_(fc1.bias.expand_as(experts.b1_EH))

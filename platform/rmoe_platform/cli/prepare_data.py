@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from rmoe_platform import storage
 from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.datasets import convert
 from rmoe_platform.datasets.format import FormatError, dataset_name
@@ -72,6 +73,7 @@ def main(argv: list[str]) -> int:
     try:
         access = S3Access.resolve(S3Options(args.s3_endpoint_url, args.s3_region, args.s3_profile))
         name = dataset_name(args.out)
+        storage.check_writable(args.out, "--out", access)
         if args.command == "generate":
             recipe = _recipe(args)
             plan, rows = recipe.plan(name), recipe.rows

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pydantic
 import yaml
 
 T = TypeVar("T")
@@ -34,7 +38,14 @@ def from_dict(cls: type[T], data: Any, path: str) -> T:
     except ConfigError:
         raise
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{path}: {err}") from None
+        raise ConfigError(_at(path, str(err), fields)) from None
+
+
+def _at(path: str, message: str, fields: Mapping[str, Any]) -> str:
+    """A check's message under `path`: one that starts with a field's name (`task: unknown task`,
+    `batch_size must be …`) is that field's (`experiment.downstream.task: unknown task`)."""
+    head = re.match(r"\w*", message).group()  # type: ignore[union-attr]
+    return f"{path}.{message}" if head in fields else f"{path}: {message}"
 
 
 def _convert(hint: Any, value: Any, path: str) -> Any:
@@ -46,25 +57,69 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         for option in options:
             if dataclasses.is_dataclass(option):
                 return from_dict(option, value, path)
-        return _convert(options[0], value, path) if len(options) == 1 else value
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, path)  # type: ignore[arg-type]
-    if origin is tuple and isinstance(value, list):
-        return tuple(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        return _float_text(value)
-    return value
+    return coerce(hint, value, path)
 
 
-def _float_text(value: str) -> float | str:
-    """A number YAML 1.1 reads as text (`1e-3`, `4.0e14`: an exponent without a sign) as the float it
-    spells; any other text stays as it is, for the field's own check to refuse."""
-    try:
-        return float(value)
-    except ValueError:
+def coerce(hint: Any, value: Any, path: str) -> Any:
+    """`value` as the type `hint` (pydantic's lax mode: a number's text becomes the number, a list a
+    tuple), or a ConfigError naming the field, the expected type and the value. Booleans stay apart
+    from numbers: `true` is not an integer, `1` is not a flag."""
+    if hint is Any:
         return value
+    if _is_bool(hint) != isinstance(value, bool) and (_is_bool(hint) or _accepts_number(hint)):
+        raise ConfigError(f"{path}: expected {type_name(hint)}, got {value!r} ({type(value).__name__})")
+    try:
+        return _adapter(hint).validate_python(value)
+    except pydantic.ValidationError as err:
+        raise ConfigError(f"{path}: expected {type_name(hint)}, got {value!r}{_where(err)}") from None
+
+
+@functools.cache
+def _adapter(hint: Any) -> pydantic.TypeAdapter[Any]:
+    return pydantic.TypeAdapter(hint)
+
+
+def _where(err: pydantic.ValidationError) -> str:
+    """Which element of a list or mapping was wrong, when the value is one of those."""
+    for error in err.errors():
+        items = [str(part) for part in error["loc"] if isinstance(part, int) or not _looks_like_type(part)]
+        if items:
+            return f" (item {'.'.join(items)}: {error['msg'][0].lower()}{error['msg'][1:]})"
+    return ""
+
+
+def _looks_like_type(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool", "dict", "list"})
+
+
+def _is_bool(hint: Any) -> bool:
+    return hint is bool
+
+
+def _accepts_number(hint: Any) -> bool:
+    """Whether `hint` (or one of a union's options) is an int or float field."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_accepts_number(option) for option in typing.get_args(hint))
+    return hint in (int, float)
+
+
+def type_name(hint: Any) -> str:
+    """A type as a config author reads it: `int`, `list of float`, `str or list of int`, `one of 'a', 'b'`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        names = [type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (tuple, list):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} ({', '.join(type_name(a) for a in args)})"
+        return f"a list of {type_name(args[0]) if args else 'values'}"
+    if origin is dict:
+        return f"a mapping of {type_name(args[0])} to {type_name(args[1])}" if args else "a mapping"
+    return getattr(hint, "__name__", str(hint))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

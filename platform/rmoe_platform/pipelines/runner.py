@@ -20,6 +20,7 @@ from rmoe_platform.datasets.format import DatasetCard
 from rmoe_platform.pipelines.accounting import Cost, same_cost, stage_cost, total
 from rmoe_platform.pipelines.graph import StageNode, plan_pipelines, shared_keys
 from rmoe_platform.pipelines.imported import inspect_core, materialize_core
+from rmoe_platform.pipelines.model_checks import check_stage_models
 from rmoe_platform.pipelines.outcomes import ExperimentReport, PipelineSummary, StageOutcome, SweepTrial
 from rmoe_platform.pipelines.report import fmt
 from rmoe_platform.results import ResultsStore
@@ -66,7 +67,8 @@ class ExperimentRunner:
     def validate(self) -> dict[str, list[StageNode]]:
         """What can fail before any stage runs (nothing is written): storage and results locations, each
         dataset (present and valid, or generatable where it should be), an imported core (readable, of the
-        experiment's architecture key by key), and the stage graph."""
+        experiment's architecture key by key), the stage graph, and every stage's model (built from its
+        parent's spec on the meta device)."""
         storage.check_writable(self.exp.storage, field="experiment.storage", s3=self.access)
         self.store.check_writable()
         datasets = {
@@ -80,6 +82,8 @@ class ExperimentRunner:
             plans = plan_pipelines(self.exp, core)
         except ValueError as err:
             raise ConfigError(str(err) if isinstance(err, ConfigError) else f"experiment: {err}") from None
+        specs = self.exp.datasets()
+        check_stage_models(plans, {specs[field_path].uri: checked for field_path, checked in datasets.items()})
         self._validated = (plans, datasets)
         return plans
 

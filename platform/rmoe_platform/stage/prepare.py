@@ -18,7 +18,7 @@ from rmoe.upcycle import moe_layers
 from rmoe_platform import storage
 from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.config.stage import StageConfig
-from rmoe_platform.datasets.checks import check_dataset, ensure_dataset
+from rmoe_platform.datasets.checks import DatasetCheck, check_dataset, ensure_dataset
 from rmoe_platform.datasets.format import DataFacts
 from rmoe_platform.datasets.ingest import OpenDataset
 from rmoe_platform.stage.worker.checkpoints import checkpoint_spec
@@ -59,6 +59,23 @@ def prepare_stage(config: StageConfig, access: S3Access | None = None) -> Prepar
     access = access or S3Access.resolve(config.s3)
     storage.check_writable(config.storage, field="stage.storage", s3=access)
     checked = check_dataset(config.data, access, field="stage.data")
+    parent_uri = config.model.parent_checkpoint
+    with tempfile.TemporaryDirectory() as tmp:
+        parent = _fetch_parent_spec(parent_uri, Path(tmp), access) if parent_uri else None
+        config, model, task = check_stage(config, checked, parent=parent)
+        head_reinitialized = _new_head(config, parent)
+    flops = task.train_flops_per_sample(model, config)
+    dataset = ensure_dataset(config.data, access, "stage.data", checked)  # written only once all else is valid
+    return PreparedStage(config, parent_uri, flops, dataset, access, task.metric_name, head_reinitialized)
+
+
+def check_stage(
+    config: StageConfig, checked: DatasetCheck, *, parent: Path | None
+) -> tuple[StageConfig, nn.Module, StageTask]:
+    """What a stage's config must agree on with its data and its parent's model: the task, the classes,
+    the batch against the train rows, the model (layer selection, residual rank, head) and its
+    expert-parallel layout. Returns the resolved config, the model (weights not loaded) and the task.
+    `parent` is the parent's checkpoint directory; only its spec is read."""
     if checked.task != config.task:
         raise ConfigError(
             f"stage.data.uri: a {config.task} stage needs {config.task} data; {config.data.uri!r} is {checked.task}"
@@ -68,15 +85,9 @@ def prepare_stage(config: StageConfig, access: S3Access | None = None) -> Prepar
         raise ConfigError(
             f"stage.batch_size: {config.batch_size} exceeds the {checked.num_train} train rows of {config.data.uri!r}"
         )
-    parent_uri = config.model.parent_checkpoint
-    with tempfile.TemporaryDirectory() as tmp:
-        parent = _fetch_parent_spec(parent_uri, Path(tmp), access) if parent_uri else None
-        head_reinitialized = _new_head(config, parent)
-        config, model, task = build_sized_model(config, checked.facts, parent=parent)
+    config, model, task = build_sized_model(config, checked.facts, parent=parent)
     _check_expert_parallel(config, model)
-    flops = task.train_flops_per_sample(model, config)
-    dataset = ensure_dataset(config.data, access, "stage.data", checked)  # written only once all else is valid
-    return PreparedStage(config, parent_uri, flops, dataset, access, task.metric_name, head_reinitialized)
+    return config, model, task
 
 
 def build_sized_model(
