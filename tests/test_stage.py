@@ -93,6 +93,7 @@ def test_worker_death_resumes_from_last_checkpoint(ray_local, tmp_path: Path) ->
     # Resumed from a checkpoint, not from 0. Usually step 4's; step 2's when the worker died before
     # Ray's controller registered the step-4 report (it polls workers asynchronously).
     assert result.metrics["resumed_from_step"] in (2, 4)
+    assert result.metrics["attempts"] == 2, "the restarted worker group is the stage's second attempt"
     assert result.cost.samples == 6 * 16
 
 

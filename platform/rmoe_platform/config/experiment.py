@@ -13,6 +13,7 @@ from rmoe_platform import storage
 from rmoe_platform.config.fields import apply_override, check, from_dict, load_yaml
 from rmoe_platform.config.stage import (
     BudgetConfig,
+    CheckpointSpec,
     DataSpec,
     HeadConfig,
     OptimConfig,
@@ -37,6 +38,9 @@ class PhaseConfig:
     batch_size: int | None = None  # this phase's global batch (default: the experiment's batch_size)
     precision: str | None = None  # this phase's training precision (default: the experiment's precision)
     compile: bool = False  # torch.compile the dense parts of this phase's models
+    # checkpoint cadence (every_n_steps or every_n_epochs) and how many to keep: where an interrupted stage
+    # resumes from; it does not change what a stage computes (nor its config hash)
+    checkpoints: CheckpointSpec = field(default_factory=CheckpointSpec)
 
     def __post_init__(self) -> None:
         check(self.task in TASKS, f"task: unknown task {self.task!r} (use {', '.join(TASKS)})")

@@ -38,6 +38,12 @@ class LapClock:
         self.seconds[part] += now - self._last
         self._last = now
 
+    def carry(self, spent: Mapping[str, float]) -> None:
+        """Add the seconds of earlier attempts of the stage (restored from its checkpoint) to each part."""
+        for part, seconds in spent.items():
+            if part in self.seconds:
+                self.seconds[part] += float(seconds)
+
     def report(self) -> dict[str, float]:
         """The figures so far, with the wall-clock time of this report (the final one ends the workers' part),
         as flat `ledger/…` report keys."""

@@ -244,6 +244,7 @@ def _stage(
         s3=exp.s3,
         seed=exp.seed,
         evaluate_at_start=phase.evaluate_at_start,
+        checkpoint=phase.checkpoints,
         precision=phase.precision or exp.precision,
         compile=phase.compile,
     )

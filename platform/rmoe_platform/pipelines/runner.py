@@ -23,6 +23,7 @@ from rmoe_platform.pipelines.imported import inspect_core, materialize_core
 from rmoe_platform.pipelines.model_checks import check_stage_models
 from rmoe_platform.pipelines.outcomes import ExperimentReport, PipelineSummary, StageOutcome, SweepTrial
 from rmoe_platform.pipelines.report import fmt
+from rmoe_platform.pipelines.resume import find_resume_point, run_prefix
 from rmoe_platform.results import ResultsStore
 from rmoe_platform.results.rows import RowContext, git_commit, now, pipeline_row, row_cost, stage_row
 from rmoe_platform.stage.run import StageResult, run_stage
@@ -142,10 +143,20 @@ class ExperimentRunner:
         config = node.config
         if parent is not None:
             config = replace(config, model=replace(config.model, parent_checkpoint=parent.checkpoint_uri))
-        run_id = f"{node.key.replace('/', '-')}-{node.config_hash[:8]}-{uuid.uuid4().hex[:6]}"
-        self.log(f"[{node.key}] running on {config.scaling.num_workers} worker(s) …")
+        prefix = run_prefix(node.key, node.config_hash)
+        run_id = f"{prefix}{uuid.uuid4().hex[:6]}"
         started = now()
         extra: dict[str, Any] = {}
+        finished = {row["run_id"] for row in self._succeeded.get(node.config_hash, [])}
+        resume = find_resume_point(config.storage, prefix, finished_runs=finished, access=self.access, log=self.log)
+        if resume is None:
+            self.log(f"[{node.key}] running on {config.scaling.num_workers} worker(s) …")
+        else:
+            extra["resume_from"] = resume.checkpoint_uri
+            self.log(
+                f"[{node.key}] resuming interrupted run {resume.run_name} from step {resume.step} "
+                f"on {config.scaling.num_workers} worker(s) …"
+            )
         if self.stage_callbacks is not None:
             ancestors = [outcomes[n.key] for n in node.lineage[:-1]]
             extra["callbacks"] = self.stage_callbacks(node, total(a.cost for a in ancestors))

@@ -74,6 +74,7 @@ def stage_row(
         "head_reinitialized": core.head_reinitialized if core else (result.head_reinitialized if result else None),
         "cached": False,
         "status": outcome.status,
+        "attempts": int(metrics["attempts"]) if "attempts" in metrics else None,
         "error": None if trace is None else f"{outcome.error}\n{trace}",
         "num_experts": moe.num_experts if moe else None,
         "top_k": moe.top_k if moe else None,

@@ -23,8 +23,9 @@ import pyarrow.parquet as pq
 from rmoe_platform import storage
 from rmoe_platform.storage.s3 import S3Access
 
-# 2: predictions_uri; 3: the cost ledger (device_seconds = compute only, overhead apart); 4: seed
-SCHEMA_VERSION = 4
+# 2: predictions_uri; 3: the cost ledger (device_seconds = compute only, overhead apart); 4: seed;
+# 5: attempts (a stage resumed after an interruption)
+SCHEMA_VERSION = 5
 
 SCHEMA = pa.schema(
     [
@@ -43,6 +44,7 @@ SCHEMA = pa.schema(
         ("head_reinitialized", pa.bool_()),  # the stage's classifier is new: its parent's had other classes
         ("cached", pa.bool_()),
         ("status", pa.string()),
+        ("attempts", pa.int32()),  # a stage's runs: 1, or more when it resumed an interrupted run (null before v5)
         ("error", pa.string()),
         ("task", pa.string()),
         ("arch", pa.string()),

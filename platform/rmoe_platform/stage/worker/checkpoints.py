@@ -36,6 +36,10 @@ class TrainProgress:
     samples: int = 0
     # the stage's reports so far (thinned), so a resumed stage keeps the curves of its earlier steps
     history: list[dict[str, Any]] = field(default_factory=list)
+    attempts: int = 1  # runs of the stage so far, this one included (a resumed run is the next attempt)
+    # worker seconds per ledger part up to this checkpoint, over every attempt: a resumed stage's cost is
+    # the sum over its attempts (what an interrupted attempt did after its last checkpoint is not known)
+    spent: dict[str, float] = field(default_factory=dict)
 
 
 def save_training_checkpoint(

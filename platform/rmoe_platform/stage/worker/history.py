@@ -13,6 +13,7 @@ _NOT_IN_HISTORY = (
     "final",
     "world_size",
     "resumed_from_step",
+    "attempts",
     "precision",
     "device_model",
     "predictions_exported",

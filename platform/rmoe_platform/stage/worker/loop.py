@@ -173,6 +173,8 @@ def _resume(ctx: WorkerContext, resume_dir: Path | None) -> tuple[TrainProgress,
     if resume_dir is None:
         return TrainProgress(), None
     progress = restore_training_state(resume_dir, ctx.model, ctx.plan, ctx.optimizer, ctx.scheduler)
+    progress.attempts += 1
+    ctx.clock.carry(progress.spent)
     return progress, progress.step
 
 
@@ -255,7 +257,12 @@ def _report(
     metrics: dict[str, Any] = {**ctx.initial, **_step_metrics(ctx, last)}
     metrics.update({"step": progress.step, "epoch": progress.epoch, "samples": progress.samples})
     metrics.update(
-        {"resumed_from_step": -1 if resumed_from is None else resumed_from, "final": final, "world_size": ctx.world}
+        {
+            "resumed_from_step": -1 if resumed_from is None else resumed_from,
+            "attempts": progress.attempts,
+            "final": final,
+            "world_size": ctx.world,
+        }
     )
     metrics["precision"] = ctx.precision.name
     metrics["device_model"] = device_model(ctx.device)
@@ -273,6 +280,7 @@ def _report(
             ray.train.report({**metrics, **ctx.clock.report()})
             ctx.clock.lap("train")
             return
+        progress.spent = dict(ctx.clock.seconds)
         save_training_checkpoint(
             directory,
             ctx.model,

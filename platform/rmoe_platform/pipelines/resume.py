@@ -1,0 +1,113 @@
+"""Find where an interrupted stage can continue: the newest whole checkpoint of an unfinished run.
+
+A stage's runs are named `<stage>-<config hash>-<suffix>` under the experiment's storage, so a rerun of the
+experiment (after a cancelled job, a restarted head, Ctrl-C) finds the runs of a stage with the same
+config hash that never wrote a succeeded row, and resumes from the newest of their checkpoints that is
+whole. A checkpoint is whole when its state file parses and each safetensors file is as long as its
+header says: a checkpoint cut short by a kill is passed over (and said so), never loaded partially.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+from rmoe_platform import storage
+from rmoe_platform.stage.worker.checkpoints import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE
+from rmoe_platform.storage.s3 import S3Access
+
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def run_prefix(stage_key: str, config_hash: str) -> str:
+    """The start of every run name of a stage with this config (the runner appends a unique suffix)."""
+    return f"{stage_key.replace('/', '-')}-{config_hash[:8]}-"
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    run_name: str  # the interrupted run
+    checkpoint_uri: str
+    step: int
+
+
+def find_resume_point(
+    storage_uri: str,
+    prefix: str,
+    *,
+    finished_runs: Collection[str],
+    access: S3Access | None,
+    log: Callable[[str], None],
+) -> ResumePoint | None:
+    """The newest whole checkpoint of a run under `storage_uri` whose name starts with `prefix` and is not
+    one of `finished_runs`; None when there is none (or the storage does not exist yet)."""
+    fs, root = storage.filesystem(storage_uri, s3=access)
+    candidates: list[tuple[int, str, str]] = []
+    for run in _children(fs, root):
+        name = run.base_name
+        if run.type != pafs.FileType.Directory or not name.startswith(prefix) or name in finished_runs:
+            continue
+        for checkpoint in _children(fs, run.path):
+            step = _step(checkpoint.base_name)
+            if checkpoint.type == pafs.FileType.Directory and step is not None:
+                candidates.append((step, name, checkpoint.path))
+    for step, name, path in sorted(candidates, reverse=True):
+        problem = checkpoint_problem(fs, path)
+        if problem is None:
+            return ResumePoint(name, _uri(storage_uri, root, path), step)
+        log(f"checkpoint {_uri(storage_uri, root, path)} passed over: {problem}")
+    return None
+
+
+def checkpoint_problem(fs: pafs.FileSystem, directory: str) -> str | None:
+    """Why the training checkpoint in `directory` cannot be resumed from, or None if it is whole."""
+    try:
+        json.loads(storage.read_bytes(fs, f"{directory}/{STATE_FILE}"))
+    except (OSError, ValueError) as err:
+        return f"{STATE_FILE} unreadable ({err})"
+    for name in (MODEL_FILE, OPTIMIZER_FILE):
+        problem = _safetensors_problem(fs, f"{directory}/{name}")
+        if problem is not None:
+            return f"{name} {problem}"
+    return None
+
+
+def _safetensors_problem(fs: pafs.FileSystem, path: str) -> str | None:
+    """Compare a safetensors file's length with what its header declares (8-byte length, JSON, data)."""
+    try:
+        size = fs.get_file_info(path).size
+        with fs.open_input_file(path) as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"is truncated ({size} bytes)"
+            (header_len,) = struct.unpack("<Q", head)
+            if 8 + header_len > size:
+                return f"is truncated (header of {header_len} bytes, file of {size})"
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError) as err:
+        return f"unreadable ({err})"
+    data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if size != 8 + header_len + data_end:
+        return f"is truncated ({size} bytes of {8 + header_len + data_end})"
+    return None
+
+
+def _children(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    try:
+        return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError:
+        return []
+
+
+def _step(name: str) -> int | None:
+    digits = name.removeprefix(CHECKPOINT_PREFIX)
+    return int(digits) if name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() else None
+
+
+def _uri(storage_uri: str, root: str, path: str) -> str:
+    """`path` (in the filesystem of `storage_uri`, whose root is `root`) as a URI like `storage_uri`."""
+    return storage.join(storage.normalize(storage_uri), path.removeprefix(root)) if path.startswith(root) else path

@@ -1,0 +1,130 @@
+"""Faults injected for real: a driver killed mid-stage and rerun, checkpoints cut short on disk.
+
+A rerun of an experiment resumes an interrupted stage from its newest whole checkpoint (same config hash),
+keeps its step count and history, charges the sum over its attempts, and writes the stage's row once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from processes import descendants
+
+from rmoe.checkpoint import save_state_dict
+from rmoe_platform.pipelines.resume import find_resume_point, run_prefix
+from rmoe_platform.results import ResultsStore
+from rmoe_platform.stage.worker.checkpoints import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def write_checkpoint(directory: Path, step: int) -> None:
+    directory.mkdir(parents=True)
+    save_state_dict({"w": torch.full((64, 64), float(step))}, directory / MODEL_FILE, spec=None)
+    save_state_dict({"w.exp_avg": torch.zeros(64, 64)}, directory / OPTIMIZER_FILE, spec=None)
+    (directory / STATE_FILE).write_text(json.dumps({"progress": {"step": step}}))
+
+
+def test_the_newest_whole_checkpoint_of_an_unfinished_run_is_chosen(tmp_path: Path) -> None:
+    prefix = run_prefix("rmoe_i/residual", "0123456789abcdef")
+    assert prefix == "rmoe_i-residual-01234567-"
+    write_checkpoint(tmp_path / f"{prefix}aaaaaa" / "checkpoint_00000010", 10)
+    write_checkpoint(tmp_path / f"{prefix}bbbbbb" / "checkpoint_00000020", 20)
+    write_checkpoint(tmp_path / f"{prefix}bbbbbb" / "checkpoint_00000030", 30)
+    write_checkpoint(tmp_path / f"{prefix}cccccc" / "checkpoint_00000050", 50)  # a finished run
+    write_checkpoint(tmp_path / "rmoe_i-residual-ffffffff-dddddd" / "checkpoint_00000090", 90)  # another config
+    newest = tmp_path / f"{prefix}bbbbbb" / "checkpoint_00000030" / MODEL_FILE
+    newest.write_bytes(newest.read_bytes()[:-100])  # cut short, as by a kill during the write
+    messages: list[str] = []
+
+    point = find_resume_point(
+        str(tmp_path), prefix, finished_runs={f"{prefix}cccccc"}, access=None, log=messages.append
+    )
+
+    assert point is not None and point.step == 20 and point.run_name == f"{prefix}bbbbbb"
+    assert point.checkpoint_uri == str(tmp_path / f"{prefix}bbbbbb" / "checkpoint_00000020")
+    assert len(messages) == 1 and "checkpoint_00000030 passed over: model.safetensors is truncated" in messages[0]
+
+
+@pytest.mark.parametrize("damage", ["state", "optimizer-header", "empty"])
+def test_a_damaged_checkpoint_is_never_resumed_from(tmp_path: Path, damage: str) -> None:
+    prefix = run_prefix("upstream_dense", "feedfacefeedface")
+    directory = tmp_path / f"{prefix}aaaaaa" / "checkpoint_00000004"
+    write_checkpoint(directory, 4)
+    if damage == "state":
+        (directory / STATE_FILE).write_text('{"progress": ')
+    elif damage == "optimizer-header":
+        (directory / OPTIMIZER_FILE).write_bytes((directory / OPTIMIZER_FILE).read_bytes()[:20])
+    else:
+        (directory / MODEL_FILE).write_bytes(b"")
+    messages: list[str] = []
+    assert find_resume_point(str(tmp_path), prefix, finished_runs=(), access=None, log=messages.append) is None
+    assert len(messages) == 1 and "passed over" in messages[0]
+
+
+def test_no_storage_yet_means_nothing_to_resume(tmp_path: Path) -> None:
+    assert find_resume_point(str(tmp_path / "none"), "x-", finished_runs=(), access=None, log=print) is None
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    started = descendants(process.pid)
+    process.kill()
+    process.wait(timeout=60)
+    for pid in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_its_stage_from_the_checkpoint(tmp_path: Path) -> None:
+    experiment = yaml.safe_load(SMOKE.read_text())
+    experiment.update(pipelines=["dense"], storage=str(tmp_path / "ckpt"), results=str(tmp_path / "results"))
+    experiment["data"] = {"uri": str(tmp_path / "data")}
+    experiment["upstream"]["data"]["generate"]["num_train"] = 1024
+    experiment["upstream"]["budget"] = {"steps": 160}
+    experiment["upstream"]["checkpoints"] = {"every_n_steps": 8, "every_n_epochs": None, "keep": 2}
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(experiment))
+    command = [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(config)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    checkpoints = tmp_path / "ckpt" / "smoke"
+
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not [p for p in checkpoints.glob("upstream_dense-*/checkpoint_0*") if int(p.name[11:]) >= 16]:
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.2)
+    finally:
+        _kill_tree(first)
+        log.close()
+    reached = max(int(p.name[11:]) for p in checkpoints.glob("upstream_dense-*/checkpoint_0*"))
+    assert reached < 160, "killed mid-stage"
+    assert not ResultsStore(str(tmp_path / "results")).rows(row_type="stage", stage="upstream_dense")
+
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "[upstream_dense] resuming interrupted run upstream_dense-" in second.stdout
+    rows = ResultsStore(str(tmp_path / "results")).rows(row_type="stage", stage="upstream_dense")
+    assert len(rows) == 1 and rows[0]["status"] == "succeeded" and rows[0]["attempts"] == 2
+    history = json.loads(rows[0]["history"])
+    steps = [entry["step"] for entry in history if "step" in entry]
+    before_final = [step for step in steps if step < 160]  # the last step reports twice: training, then final
+    assert before_final == sorted(set(before_final)) and steps[-1] == 160, "no step is repeated in the history"
+    assert any(step <= reached for step in steps) and any(step > reached for step in steps), "both attempts' reports"
+    ledger = json.loads(rows[0]["ledger"])  # the attempts' parts summed: still adding up to the wall time
+    assert ledger["train"] > 0 and sum(ledger.values()) == pytest.approx(rows[0]["wall_seconds"], rel=1e-3)
+    assert rows[0]["flops"] > 0
