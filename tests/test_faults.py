@@ -1,4 +1,4 @@
-"""Faults injected for real: a driver killed mid-stage and rerun, checkpoints cut short on disk.
+"""Faults injected for real: a driver killed mid-stage and rerun, Ctrl-C, checkpoints cut short on disk.
 
 A rerun of an experiment resumes an interrupted stage from its newest whole checkpoint (same config hash),
 keeps its step count and history, charges the sum over its attempts, and writes the stage's row once.
@@ -15,13 +15,15 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import torch
 import yaml
 from processes import descendants
 
 from rmoe.checkpoint import save_state_dict
-from rmoe_platform.pipelines.resume import find_resume_point, run_prefix
+from rmoe_platform.cli.interrupts import Interrupted, interruptible
+from rmoe_platform.pipelines.resume import checkpoint_problem, find_resume_point, run_prefix
 from rmoe_platform.results import ResultsStore
 from rmoe_platform.stage.worker.checkpoints import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE
 
@@ -128,3 +130,49 @@ def test_a_killed_driver_resumes_its_stage_from_the_checkpoint(tmp_path: Path) -
     ledger = json.loads(rows[0]["ledger"])  # the attempts' parts summed: still adding up to the wall time
     assert ledger["train"] > 0 and sum(ledger.values()) == pytest.approx(rows[0]["wall_seconds"], rel=1e-3)
     assert rows[0]["flops"] > 0
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_becomes_an_interruption_with_the_shells_exit_status(signum: int, status: int) -> None:
+    before = signal.getsignal(signum)
+    with pytest.raises(Interrupted) as caught, interruptible():
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler runs at the next bytecode: never reached
+    assert caught.value.exit_status == status
+    assert signal.getsignal(signum) == before, "the previous handler is back"
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_job_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
+    experiment = yaml.safe_load(SMOKE.read_text())
+    experiment.update(pipelines=["dense"], storage=str(tmp_path / "ckpt"), results=str(tmp_path / "results"))
+    experiment["data"] = {"uri": str(tmp_path / "data")}
+    experiment["upstream"]["data"]["generate"]["num_train"] = 1024
+    experiment["upstream"]["budget"] = {"steps": 400}
+    experiment["upstream"]["checkpoints"] = {"every_n_steps": 4, "every_n_epochs": None, "keep": 1}
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(experiment))
+    command = [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(config)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    checkpoints = tmp_path / "ckpt" / "smoke"
+    out, err = (tmp_path / "job.log").open("w"), (tmp_path / "job.err").open("w")  # files: no pipe fills up
+    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(checkpoints.glob("upstream_dense-*/checkpoint_0*")):
+            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.2)
+        job.send_signal(signal.SIGINT)  # the driver only, as `kill -INT` does
+        job.wait(timeout=60)
+    finally:
+        _kill_tree(job)
+        out.close()
+        err.close()
+    stderr = (tmp_path / "job.err").read_text()
+    assert job.returncode == 130, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1 and "during stage upstream_dense" in lines[0] and "rerun `jobs/pipeline.py" in lines[0]
+    assert "Traceback" not in stderr
+    assert not ResultsStore(str(tmp_path / "results")).rows(), "an interrupted stage writes no row"
+    for checkpoint in checkpoints.glob("upstream_dense-*/checkpoint_0*"):
+        assert checkpoint_problem(pafs.LocalFileSystem(), str(checkpoint)) is None, "every checkpoint is whole"

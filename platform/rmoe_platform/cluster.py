@@ -82,3 +82,12 @@ def connect() -> None:
     # Twice the cores as logical CPUs: Train workers mostly wait on the data, and the Ray Data decode
     # tasks need CPUs of their own (with one CPU per worker and no CPU left, ingest would stall).
     start_local(2 * (os.cpu_count() or 1), runtime_env={"py_modules": modules})
+
+
+def disconnect() -> None:
+    """Leave the cluster (a local Ray this process started stops with it): how an interrupted job ends,
+    so its workers stop with it instead of dying of the terminal's signal one by one."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

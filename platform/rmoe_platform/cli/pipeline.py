@@ -4,12 +4,14 @@ comparison of accuracy with training cost."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
 
+from rmoe_platform.cli.interrupts import Interrupted, interruptible
 from rmoe_platform.cli.options import add_seeds, seeds_override
-from rmoe_platform.cluster import connect
+from rmoe_platform.cluster import connect, disconnect
 from rmoe_platform.config.experiment import ExperimentConfig
 from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.names import PIPELINES
@@ -82,12 +84,19 @@ def main(argv: list[str], default_config: Path | None = None) -> int:
     seeds = ", ".join(map(str, exp.replicate_seeds))
     pipelines = ", ".join(exp.pipelines)
     print(f"experiment {exp.name}: pipelines {pipelines}; seed(s) {seeds}; results → {exp.results}", flush=True)
-    connect()
-    try:
-        report = runner.run()
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    with interruptible():
+        try:
+            connect()
+            report = runner.run()
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except Interrupted as stop:
+            print(
+                stop.resume_hint(runner.running, shlex.join(["jobs/pipeline.py", *argv])), file=sys.stderr, flush=True
+            )
+            disconnect()
+            return stop.exit_status
     for seed, single in report.reports.items():
         print(f"\nseed {seed}:" if len(report.reports) > 1 else "")
         print(format_report(single))

@@ -4,12 +4,14 @@ versus cost) and the best setting per residual budget."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
 
+from rmoe_platform.cli.interrupts import Interrupted, interruptible
 from rmoe_platform.cli.options import add_seeds, seeds_override
-from rmoe_platform.cluster import connect
+from rmoe_platform.cluster import connect, disconnect
 from rmoe_platform.config.fields import ConfigError
 
 
@@ -50,8 +52,15 @@ def main(argv: list[str], default_config: Path | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    connect()
-    report = driver.run()
+    with interruptible():
+        try:
+            connect()
+            report = driver.run()
+        except Interrupted as stop:
+            command = shlex.join(["jobs/sweep.py", *[a for a in argv if a != "--resume"], "--resume"])
+            print(stop.resume_hint(None, command), file=sys.stderr, flush=True)
+            disconnect()
+            return stop.exit_status
     print()
     print(report.table)
     elapsed = time.perf_counter() - started

@@ -95,5 +95,13 @@ class ReplicatedRunner:
         for runner in self.runners.values():
             runner.validate()
 
+    @property
+    def running(self) -> str | None:
+        """The stage training now, with its seed when there are several (what an interruption stops)."""
+        for seed, runner in self.runners.items():
+            if runner.running is not None:
+                return f"{runner.running} (seed {seed})" if len(self.runners) > 1 else runner.running
+        return None
+
     def run(self) -> ReplicatedReport:
         return ReplicatedReport(self.exp.name, {seed: runner.run() for seed, runner in self.runners.items()})

@@ -58,6 +58,7 @@ class ExperimentRunner:
         self.store = store
         self.log = log
         self.stage_runner = stage_runner
+        self.running: str | None = None  # the key of the stage training now (what an interruption stops)
         trial_fields = {"sweep_id": trial.sweep_id, "params": trial.params} if trial else {}
         devices = device_table(exp.devices)
         self.rows = RowContext(exp.name, exp.arch, git_commit(), exp.seed, devices=devices, **trial_fields)
@@ -160,15 +161,19 @@ class ExperimentRunner:
         if self.stage_callbacks is not None:
             ancestors = [outcomes[n.key] for n in node.lineage[:-1]]
             extra["callbacks"] = self.stage_callbacks(node, total(a.cost for a in ancestors))
+        self.running = node.key  # stays set when an interruption (not an Exception) stops the stage
         try:
             result = self.stage_runner(config, run_name=run_id, s3=self.access, **extra)
         except ConfigError:
+            self.running = None
             raise
         except Exception as err:  # a failed stage is recorded; the others go on
+            self.running = None
             outcome = StageOutcome(node, "failed", run_id, error=f"{type(err).__name__}: {err}")
             self.store.append([self._stage_row(outcome, None, pipelines, parent, started, traceback.format_exc())])
             self.log(f"[{node.key}] FAILED: {outcome.error}")
             return outcome
+        self.running = None
         measured = result.cost
         cost = stage_cost(
             measured.train_flops,
