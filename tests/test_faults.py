@@ -79,6 +79,21 @@ def test_no_storage_yet_means_nothing_to_resume(tmp_path: Path) -> None:
     assert find_resume_point(str(tmp_path / "none"), "x-", finished_runs=(), access=None, log=print) is None
 
 
+def long_dense_job(tmp_path: Path, steps: int, checkpoint_every: int, keep: int) -> tuple[list[str], dict[str, str]]:
+    """`jobs/pipeline.py` on the smoke preset's dense pipeline with an upstream stage long enough to stop
+    mid-way (checkpointing every `checkpoint_every` steps), in its own local Ray; returns command and env."""
+    experiment = yaml.safe_load(SMOKE.read_text())
+    experiment.update(pipelines=["dense"], storage=str(tmp_path / "ckpt"), results=str(tmp_path / "results"))
+    experiment["data"] = {"uri": str(tmp_path / "data")}
+    experiment["upstream"]["data"]["generate"]["num_train"] = 1024
+    experiment["upstream"]["budget"] = {"steps": steps}
+    experiment["upstream"]["checkpoints"] = {"every_n_steps": checkpoint_every, "every_n_epochs": None, "keep": keep}
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(experiment))
+    command = [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(config)]
+    return command, {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
 def _kill_tree(process: subprocess.Popen) -> None:
     started = descendants(process.pid)
     process.kill()
@@ -90,16 +105,7 @@ def _kill_tree(process: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_a_killed_driver_resumes_its_stage_from_the_checkpoint(tmp_path: Path) -> None:
-    experiment = yaml.safe_load(SMOKE.read_text())
-    experiment.update(pipelines=["dense"], storage=str(tmp_path / "ckpt"), results=str(tmp_path / "results"))
-    experiment["data"] = {"uri": str(tmp_path / "data")}
-    experiment["upstream"]["data"]["generate"]["num_train"] = 1024
-    experiment["upstream"]["budget"] = {"steps": 160}
-    experiment["upstream"]["checkpoints"] = {"every_n_steps": 8, "every_n_epochs": None, "keep": 2}
-    config = tmp_path / "exp.yaml"
-    config.write_text(yaml.safe_dump(experiment))
-    command = [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(config)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command, env = long_dense_job(tmp_path, steps=160, checkpoint_every=8, keep=2)
     checkpoints = tmp_path / "ckpt" / "smoke"
 
     log = (tmp_path / "first.log").open("w")
@@ -144,16 +150,7 @@ def test_a_signal_becomes_an_interruption_with_the_shells_exit_status(signum: in
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_job_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
-    experiment = yaml.safe_load(SMOKE.read_text())
-    experiment.update(pipelines=["dense"], storage=str(tmp_path / "ckpt"), results=str(tmp_path / "results"))
-    experiment["data"] = {"uri": str(tmp_path / "data")}
-    experiment["upstream"]["data"]["generate"]["num_train"] = 1024
-    experiment["upstream"]["budget"] = {"steps": 400}
-    experiment["upstream"]["checkpoints"] = {"every_n_steps": 4, "every_n_epochs": None, "keep": 1}
-    config = tmp_path / "exp.yaml"
-    config.write_text(yaml.safe_dump(experiment))
-    command = [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(config)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command, env = long_dense_job(tmp_path, steps=400, checkpoint_every=4, keep=1)
     checkpoints = tmp_path / "ckpt" / "smoke"
     out, err = (tmp_path / "job.log").open("w"), (tmp_path / "job.err").open("w")  # files: no pipe fills up
     job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
