@@ -34,6 +34,8 @@ def ray_head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     gcs, dash, agent, agent_grpc, runtime_env, metrics, node_mgr, obj_mgr, client = free_ports(9)
+    log = tmp_path_factory.mktemp("ray-head") / "head.log"  # kept: its tail says why a head died
+    out = log.open("w")
     head = subprocess.Popen(
         [
             str(BIN / "ray"),
@@ -57,8 +59,8 @@ def ray_head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
             "--disable-usage-stats",
         ],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
@@ -67,8 +69,8 @@ def ray_head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
         while subprocess.run(
             [str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True
         ).returncode:
-            assert head.poll() is None, "the Ray head exited during start-up"
-            assert time.monotonic() < deadline, "the Ray head's job server never became ready"
+            assert head.poll() is None, f"the Ray head exited during start-up:\n{tail(log)}"
+            assert time.monotonic() < deadline, f"the Ray head's job server never became ready:\n{tail(log)}"
             time.sleep(2)
         yield address, env
     finally:
@@ -78,7 +80,12 @@ def ray_head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+        out.close()
         subprocess.run(["rm", "-rf", str(temp)], check=False)
+
+
+def tail(log: Path, lines: int = 40) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
 @pytest.mark.slow
