@@ -172,16 +172,6 @@ def test_missing_store(tmp_path: Path, open_app) -> None:
     assert_clean(visit(app, "experts"))
 
 
-@pytest.mark.parametrize("uri", ["gs://bucket/results", "FILE"])
-def test_unreadable_store_is_a_message(tmp_path: Path, open_app, uri: str) -> None:
-    if uri == "FILE":
-        uri = str(tmp_path / "a-file")
-        Path(uri).write_text("not a folder")
-    app = open_app(uri)
-    assert not app.exception
-    assert "Cannot read the results store" in texts(app.error)
-
-
 @pytest.mark.parametrize("page", PAGES)
 def test_malformed_store(tmp_path: Path, open_app, page: str) -> None:
     app = visit(open_app(str(write_malformed_store(tmp_path))), page)

@@ -75,7 +75,7 @@ def test_projected_flops_per_sample_equal_what_a_run_is_charged() -> None:
             if node.key in ("upstream_dense", "dense/downstream", "rmoe_i/residual", "rmoe_d/downstream"):
                 data = planned_data(exp.datasets()[f"experiment.{phase_of(node.kind)}.data"], "test")
                 config = replace(node.config, model=replace(node.config.model, num_classes=data.num_classes))
-                sized, model, task = build_sized_model(config, data.facts, parent=None)
+                sized, model, task, _ = build_sized_model(config, data.facts, parent=None)
                 charged = task.train_flops_per_sample(model, sized)
                 assert est.stages[node.key].flops_per_sample == pytest.approx(charged, rel=1e-9), node.key
 

@@ -149,7 +149,10 @@ def test_a_signal_becomes_an_interruption_with_the_shells_exit_status(signum: in
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_job_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_stops_the_job_cleanly_and_says_how_to_resume(
+    tmp_path: Path, signum: int, status: int
+) -> None:
     command, env = long_dense_job(tmp_path, steps=400, checkpoint_every=4, keep=1)
     checkpoints = tmp_path / "ckpt" / "smoke"
     out, err = (tmp_path / "job.log").open("w"), (tmp_path / "job.err").open("w")  # files: no pipe fills up
@@ -159,16 +162,20 @@ def test_ctrl_c_stops_the_job_cleanly_and_says_how_to_resume(tmp_path: Path) -> 
         while not list(checkpoints.glob("upstream_dense-*/checkpoint_0*")):
             assert job.poll() is None and time.monotonic() < deadline, "no checkpoint in time"
             time.sleep(0.2)
-        job.send_signal(signal.SIGINT)  # the driver only, as `kill -INT` does
+        job.send_signal(signum)  # the driver only, as `kill -INT` / `kill -TERM` does
         job.wait(timeout=60)
     finally:
         _kill_tree(job)
         out.close()
         err.close()
     stderr = (tmp_path / "job.err").read_text()
-    assert job.returncode == 130, stderr[-3000:]
+    assert job.returncode == status, stderr[-3000:]  # SIGTERM: not Ray's handlers, which abort the driver
     lines = [line for line in stderr.splitlines() if line.startswith("interrupted")]
-    assert len(lines) == 1 and "during stage upstream_dense" in lines[0] and "rerun `jobs/pipeline.py" in lines[0]
+    assert (
+        len(lines) == 1
+        and f"({signal.Signals(signum).name}) during stage upstream_dense" in lines[0]
+        and "rerun `jobs/pipeline.py" in lines[0]
+    )
     assert "Traceback" not in stderr
     assert not ResultsStore(str(tmp_path / "results")).rows(), "an interrupted stage writes no row"
     for checkpoint in checkpoints.glob("upstream_dense-*/checkpoint_0*"):

@@ -84,9 +84,9 @@ def main(argv: list[str], default_config: Path | None = None) -> int:
     seeds = ", ".join(map(str, exp.replicate_seeds))
     pipelines = ", ".join(exp.pipelines)
     print(f"experiment {exp.name}: pipelines {pipelines}; seed(s) {seeds}; results → {exp.results}", flush=True)
+    connect()  # first: ray.init installs SIGTERM handlers of its own (Python's and its core's)
     with interruptible():
         try:
-            connect()
             report = runner.run()
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)

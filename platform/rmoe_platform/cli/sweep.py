@@ -52,9 +52,9 @@ def main(argv: list[str], default_config: Path | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    connect()  # first: ray.init installs SIGTERM handlers of its own (Python's and its core's)
     with interruptible():
         try:
-            connect()
             report = driver.run()
         except Interrupted as stop:
             command = shlex.join(["jobs/sweep.py", *[a for a in argv if a != "--resume"], "--resume"])

@@ -68,7 +68,7 @@ def coerce(hint: Any, value: Any, path: str) -> Any:
     from numbers: `true` is not an integer, `1` is not a flag."""
     if hint is Any:
         return value
-    if _is_bool(hint) != isinstance(value, bool) and (_is_bool(hint) or _accepts_number(hint)):
+    if (hint is bool) != isinstance(value, bool) and (hint is bool or _accepts_number(hint)):
         raise ConfigError(f"{path}: expected {type_name(hint)}, got {value!r} ({type(value).__name__})")
     try:
         return _adapter(hint).validate_python(value)
@@ -92,10 +92,6 @@ def _where(err: pydantic.ValidationError) -> str:
 
 def _looks_like_type(part: Any) -> bool:
     return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool", "dict", "list"})
-
-
-def _is_bool(hint: Any) -> bool:
-    return hint is bool
 
 
 def _accepts_number(hint: Any) -> bool:

@@ -168,7 +168,7 @@ def planned_flops_per_sample(config: StageConfig, facts: DataFacts, head_cache: 
     from rmoe_platform.tasks.dense import DenseTask
 
     with torch.device("meta"):
-        sized, model, task = build_sized_model(config, facts, parent=None)
+        sized, model, task, _ = build_sized_model(config, facts, parent=None)
     if not isinstance(task, DenseTask):
         return task.train_flops_per_sample(model, sized)
     size = sized.data.img_size
@@ -180,7 +180,7 @@ def planned_flops_per_sample(config: StageConfig, facts: DataFacts, head_cache: 
     )
     if key not in head_cache:
         dense = replace(config, model=replace(config.model, moe=None), trainable=("all",))
-        _, head_model, _ = build_sized_model(dense, facts, parent=None)
+        head_model = build_sized_model(dense, facts, parent=None).model
         head_cache[key] = task.head_forward_flops(head_model, size)
     return task.trunk_train_flops(model) + 3.0 * head_cache[key]
 

@@ -16,15 +16,12 @@ from pathlib import Path
 
 import torch
 
-from rmoe import spec_of
 from rmoe.checkpoint import save_state_dict
 from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.datasets.checks import DatasetCheck
 from rmoe_platform.pipelines.graph import StageNode
 from rmoe_platform.stage.prepare import check_stage
 from rmoe_platform.stage.worker.checkpoints import MODEL_FILE
-from rmoe_platform.stage.worker.model import build_stage_model
-from rmoe_platform.tasks.classification import without_classes
 
 
 def check_stage_models(plans: Mapping[str, list[StageNode]], datasets: Mapping[str, DatasetCheck]) -> None:
@@ -68,10 +65,7 @@ def _check_node(node: StageNode, datasets: Mapping[str, DatasetCheck], specs: Ma
     parent = specs[node.parent.key] if node.parent is not None else None
     try:
         with torch.device("meta"):
-            resolved, model, _ = check_stage(config, checked, parent=parent)
-            spec = getattr(model, "rmoe_spec", None)
-            if spec is None:  # a dense-prediction model (UperNet, Mask R-CNN): its backbone's spec
-                spec = spec_of(build_stage_model(without_classes(resolved), parent=parent, load=False)[0])
+            spec = check_stage(config, checked, parent=parent).spec
     except (ConfigError, ValueError) as err:
         raise ConfigError(f"{_experiment_field(str(err))} (stage {node.key})") from None
     save_state_dict({}, directory / MODEL_FILE, spec=spec)

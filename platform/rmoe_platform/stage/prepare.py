@@ -10,10 +10,12 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import timm.data
 from torch import nn
 
+from rmoe import ModelSpec
 from rmoe.upcycle import moe_layers
 from rmoe_platform import storage
 from rmoe_platform.config.fields import ConfigError
@@ -62,19 +64,17 @@ def prepare_stage(config: StageConfig, access: S3Access | None = None) -> Prepar
     parent_uri = config.model.parent_checkpoint
     with tempfile.TemporaryDirectory() as tmp:
         parent = _fetch_parent_spec(parent_uri, Path(tmp), access) if parent_uri else None
-        config, model, task = check_stage(config, checked, parent=parent)
+        config, model, task, _ = check_stage(config, checked, parent=parent)
         head_reinitialized = _new_head(config, parent)
     flops = task.train_flops_per_sample(model, config)
     dataset = ensure_dataset(config.data, access, "stage.data", checked)  # written only once all else is valid
     return PreparedStage(config, parent_uri, flops, dataset, access, task.metric_name, head_reinitialized)
 
 
-def check_stage(
-    config: StageConfig, checked: DatasetCheck, *, parent: Path | None
-) -> tuple[StageConfig, nn.Module, StageTask]:
+def check_stage(config: StageConfig, checked: DatasetCheck, *, parent: Path | None) -> SizedModel:
     """What a stage's config must agree on with its data and its parent's model: the task, the classes,
     the batch against the train rows, the model (layer selection, residual rank, head) and its
-    expert-parallel layout. Returns the resolved config, the model (weights not loaded) and the task.
+    expert-parallel layout. Returns the stage's model as its run builds it (weights not loaded).
     `parent` is the parent's checkpoint directory; only its spec is read."""
     if checked.task != config.task:
         raise ConfigError(
@@ -85,14 +85,23 @@ def check_stage(
         raise ConfigError(
             f"stage.batch_size: {config.batch_size} exceeds the {checked.num_train} train rows of {config.data.uri!r}"
         )
-    config, model, task = build_sized_model(config, checked.facts, parent=parent)
-    _check_expert_parallel(config, model)
-    return config, model, task
+    sized = build_sized_model(config, checked.facts, parent=parent)
+    _check_expert_parallel(sized.config, sized.model)
+    return sized
 
 
-def build_sized_model(
-    config: StageConfig, facts: DataFacts, *, parent: Path | None
-) -> tuple[StageConfig, nn.Module, StageTask]:
+class SizedModel(NamedTuple):
+    """A stage's model as a run builds it: the config with its data-dependent fields resolved, the model
+    (weights not loaded), its task, and the spec its checkpoints carry (a dense-prediction model's is its
+    backbone's)."""
+
+    config: StageConfig
+    model: nn.Module
+    task: StageTask
+    spec: ModelSpec
+
+
+def build_sized_model(config: StageConfig, facts: DataFacts, *, parent: Path | None) -> SizedModel:
     """The stage's model as a run builds it (weights not loaded), its trainable set applied, and the config
     with `data.img_size` resolved: what validation checks and what the cost is computed from."""
     try:
@@ -109,7 +118,7 @@ def build_sized_model(
         apply_trainable(model, config.trainable, freeze_core=spec.moe.freeze_core if spec.moe else True)
     except ValueError as err:
         raise ConfigError(f"stage.{err}") from None
-    return config, model, task
+    return SizedModel(config, model, task, spec)
 
 
 def _new_head(config: StageConfig, parent: Path | None) -> bool | None:
