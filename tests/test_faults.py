@@ -134,7 +134,7 @@ def test_a_killed_driver_resumes_its_stage_from_the_checkpoint(tmp_path: Path) -
     assert before_final == sorted(set(before_final)) and steps[-1] == 160, "no step is repeated in the history"
     assert any(step <= reached for step in steps) and any(step > reached for step in steps), "both attempts' reports"
     ledger = json.loads(rows[0]["ledger"])  # the attempts' parts summed: still adding up to the wall time
-    assert ledger["train"] > 0 and sum(ledger.values()) == pytest.approx(rows[0]["wall_seconds"], rel=1e-3)
+    assert ledger["train_seconds"] > 0 and sum(ledger.values()) == pytest.approx(rows[0]["wall_seconds"], rel=1e-3)
     assert rows[0]["flops"] > 0
 
 

@@ -103,7 +103,7 @@ def test_precision_is_validated_and_phases_override_the_experiment() -> None:
     plans = plan_pipelines(exp)
     assert plans["dense"][0].config.precision == "bf16" and plans["dense"][-1].config.precision == "fp32"
     for bad, field in (("precision=fp8", "experiment"), ("upstream.precision=half", "experiment.upstream")):
-        with pytest.raises(ConfigError, match=rf"{field}: precision: unknown"):
+        with pytest.raises(ConfigError, match=rf"{field}\.precision: unknown"):
             ExperimentConfig.load(ROOT / "configs" / "smoke.yaml", [bad])
     with pytest.raises(ConfigError, match="compile must be true or false"):
         ExperimentConfig.load(ROOT / "configs" / "smoke.yaml", ["downstream.compile=1"])

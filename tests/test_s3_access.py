@@ -50,7 +50,7 @@ PHASES = ["name=x", "upstream={data: {uri: a}, budget: {steps: 1}}", "downstream
 
 
 def test_bad_s3_options_name_the_field() -> None:
-    with pytest.raises(ConfigError, match=r"experiment\.s3: endpoint_url must start with http"):
+    with pytest.raises(ConfigError, match=r"experiment\.s3\.endpoint_url must start with http"):
         ExperimentConfig.load(None, [*PHASES, "s3.endpoint_url=minio:9000"])
-    with pytest.raises(ConfigError, match=r"experiment\.s3: max_attempts must be >= 1"):
+    with pytest.raises(ConfigError, match=r"experiment\.s3\.max_attempts must be >= 1"):
         ExperimentConfig.load(None, [*PHASES, "s3.max_attempts=0"])

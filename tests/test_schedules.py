@@ -105,7 +105,7 @@ def test_milestones_count_in_the_budget_unit() -> None:
     ],
 )
 def test_bad_schedules_name_the_field(optim: dict, message: str) -> None:
-    with pytest.raises(ConfigError, match=rf"stage\.optim: {message}"):
+    with pytest.raises(ConfigError, match=rf"stage\.optim\.{message}"):
         StageConfig.from_dict({"name": "s", "data": {"uri": "d"}, "optim": optim})
 
 
