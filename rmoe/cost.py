@@ -287,7 +287,7 @@ def _moe_mlp(ledger: _Ledger, name: str, layer: MoEMlp, tokens: int, x_grad: boo
     rows = expert_rows_per_image(layer.router, tokens, batch_size)
     experts = layer.experts
     if isinstance(experts, ResidualExperts) and experts.rank is not None:
-        experts_grad = _low_rank_experts(ledger, f"{name}.experts", experts, rows, x_grad)
+        experts_grad = _low_rank_experts(ledger, f"{name}.experts", experts, rows, tokens, x_grad)
     else:
         experts_grad = _stacked_experts(ledger, f"{name}.experts", experts, rows, x_grad)
     return router_grad or experts_grad
@@ -307,7 +307,11 @@ def _stacked_experts(
     return ledger.gemm(f"{name}.fc2", "experts", 2.0 * rows * H * O, h, w2, b2)
 
 
-def _low_rank_experts(ledger: _Ledger, name: str, experts: ResidualExperts, rows: float, x_grad: bool) -> bool:
+def _low_rank_experts(
+    ledger: _Ledger, name: str, experts: ResidualExperts, rows: float, tokens: int, x_grad: bool
+) -> bool:
+    """The first core GEMM runs once per token when a token's rows outnumber it (k > 1, as `MoEMlp` does on
+    one device; expert parallelism runs it per row)."""
     h = _core_plus_low_rank(
         ledger,
         f"{name}.fc1",
@@ -315,6 +319,7 @@ def _low_rank_experts(ledger: _Ledger, name: str, experts: ResidualExperts, rows
         x_grad,
         (experts.core_w1_DH, experts.core_b1_H),
         (experts.res_w1_a_EDR, experts.res_w1_b_ERH, experts.res_b1_EH),
+        core_rows=min(rows, tokens),
     )
     return _core_plus_low_rank(
         ledger,
@@ -333,13 +338,16 @@ def _core_plus_low_rank(
     x_grad: bool,
     core: tuple[nn.Parameter, nn.Parameter | None],
     residual: tuple[nn.Parameter, nn.Parameter, nn.Parameter | None],
+    core_rows: float | None = None,
 ) -> bool:
-    """x·W⁰ + b⁰ (one dense GEMM over all rows) plus (x·Aₑ)·Bₑ + bₑ (thin GEMMs per expert)."""
+    """x·W⁰ + b⁰ (one dense GEMM over `core_rows`: all rows unless given) plus (x·Aₑ)·Bₑ + bₑ (thin GEMMs
+    per expert)."""
     core_w_IO, core_b_O = core
     a_EIR, b_ERO, res_b_EO = residual
     I, O = core_w_IO.shape
     R = a_EIR.shape[-1]
-    core_grad = ledger.gemm(f"{name}.core", "experts.core", 2.0 * rows * I * O, x_grad, [core_w_IO], [core_b_O])
+    core_flops = 2.0 * (rows if core_rows is None else core_rows) * I * O
+    core_grad = ledger.gemm(f"{name}.core", "experts.core", core_flops, x_grad, [core_w_IO], [core_b_O])
     down_grad = ledger.gemm(f"{name}.res_a", "experts.residual", 2.0 * rows * I * R, x_grad, [a_EIR])
     up_grad = ledger.gemm(f"{name}.res_b", "experts.residual", 2.0 * rows * R * O, down_grad, [b_ERO], [res_b_EO])
     return core_grad or up_grad

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 
 import pytest
 import torch
 from timm.layers import Mlp
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from rmoe.moe import MoEConfig, MoEMlp, ResidualExperts
+from rmoe.moe.dispatch import Dispatched, LocalDispatcher
 from rmoe.moe.grouped import RaggedLayout
 from rmoe.moe.routing import Routing
 
@@ -91,6 +95,38 @@ def test_low_and_full_rank_residuals_match_reference(rank) -> None:
     layer = make_layer(2, None, residual=True, rank=rank)
     x = torch.randn(T, D)
     torch.testing.assert_close(layer(x), naive_moe(layer, x, layer.router(x)), rtol=1e-5, atol=1e-6)
+
+
+class _RowsFromElsewhere(LocalDispatcher):
+    """Dispatches like the local dispatcher but hides the row → token map, as rows from other devices have."""
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
+        return dataclasses.replace(super().dispatch(x_TD, routing), token_of_row_N=None)
+
+
+@pytest.mark.parametrize(("top_k", "freeze_core"), [(2, True), (2, False), (3, True)])
+def test_core_computed_once_per_token_matches_per_row_in_value_and_gradient(top_k: int, freeze_core: bool) -> None:
+    """k > 1 low-rank residual experts run the first core GEMM on the T tokens, not the k·T rows."""
+    per_token = make_layer(top_k, None, residual=True, rank=4, freeze_core=freeze_core)
+    per_row = copy.deepcopy(per_token)
+    per_row.dispatcher = _RowsFromElsewhere()
+    x1 = torch.randn(T, D, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        y1 = per_token(x1)
+    saved = counter.get_total_flops()
+    with counter:
+        y2 = per_row(x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    assert counter.get_total_flops() - saved == 2 * (top_k - 1) * T * D * H  # the k − 1 extra row GEMMs
+    y1.pow(2).sum().backward()
+    y2.pow(2).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    for (name, p1), p2 in zip(per_token.named_parameters(), per_row.parameters(), strict=True):
+        assert (p1.grad is None) == (p2.grad is None), name
+        if p1.grad is not None:
+            torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("rank", [None, 4])

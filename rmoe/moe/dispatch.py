@@ -17,11 +17,14 @@ from rmoe.moe.routing import Routing, count_per_expert
 
 @dataclass
 class Dispatched:
-    """Rows for the experts: `x_ND` grouped by expert, `tokens_per_expert_E` rows per local expert."""
+    """Rows for the experts: `x_ND` grouped by expert, `tokens_per_expert_E` rows per local expert, and
+    `token_of_row_N`, the local token each row copies, where rows are this device's own tokens (None when
+    they arrive from other devices): with it, work that depends on the token only runs once per token."""
 
     x_ND: torch.Tensor
     tokens_per_expert_E: torch.Tensor
     state: object
+    token_of_row_N: torch.Tensor | None = None
 
 
 @dataclass
@@ -68,8 +71,10 @@ class LocalDispatcher(TokenDispatcher):
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> Dispatched:
         slot_order_N, counts_E = sort_slots_by_expert(routing)
-        x_ND = x_TD.index_select(0, slot_order_N // routing.top_k)
-        return Dispatched(x_ND, counts_E, LocalDispatchState(slot_order_N, x_TD.shape[0], routing.top_k))
+        token_of_row_N = slot_order_N // routing.top_k
+        x_ND = x_TD.index_select(0, token_of_row_N)
+        state = LocalDispatchState(slot_order_N, x_TD.shape[0], routing.top_k)
+        return Dispatched(x_ND, counts_E, state, token_of_row_N)
 
     def combine(self, y_NO: torch.Tensor, state: object) -> torch.Tensor:
         assert isinstance(state, LocalDispatchState)

@@ -40,6 +40,12 @@ class _ExpertMlpBase(nn.Module):
         self.drop2 = nn.Dropout(drop)
         self.backend: ExpertBackend = backend
 
+    @property
+    def shares_core_input(self) -> bool:
+        """Whether the first layer has a part that depends on the token only (`core_hidden`), which a token's
+        k rows can share instead of each computing it."""
+        return False
+
     def expert_parameter_names(self) -> list[str]:
         """Parameters stacked along a leading expert dim (what expert parallelism shards)."""
         return [name for name, _ in self.named_parameters(recurse=False) if not name.startswith("core_")]
@@ -90,6 +96,8 @@ class ResidualExperts(_ExpertMlpBase):
     Full-rank residuals are added to the core and run as stacked experts. Low-rank residuals
     (θʳₑ = Aₑ·Bₑ, rank R) never materialise per-expert weights: the core runs as one dense GEMM over
     all rows and only the thin residual runs per expert, so a frozen core skips its weight gradients.
+    The first layer's core term x·W₁⁰ + b₁⁰ depends on the token only: the layer may compute it once per
+    token (`core_hidden`) and hand it in for the token's k rows (`forward(..., core_hidden_NH)`).
     """
 
     def __init__(
@@ -184,7 +192,20 @@ class ResidualExperts(_ExpertMlpBase):
         return out
 
     # ---- forward -------------------------------------------------------------------------------
-    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    @property
+    def shares_core_input(self) -> bool:
+        return self.rank is not None
+
+    def core_hidden(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The first layer's core term x·W₁⁰ + b₁⁰ of each token (low-rank residuals only)."""
+        return nn.functional.linear(x_TD, self.core_w1_DH.t(), self.core_b1_H)
+
+    def forward(
+        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, core_hidden_NH: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`core_hidden_NH`: each row's `core_hidden` when the layer computed it per token (low rank only)."""
+        if core_hidden_NH is not None and self.rank is None:
+            raise ValueError("core_hidden_NH is for low-rank residual experts (full-rank ones fold the core in)")
         if self.rank is None:
             layout = self.layout(x_ND, tokens_per_expert_E)
             w1, b1, w2, b2 = self.expert_weights()
@@ -192,13 +213,12 @@ class ResidualExperts(_ExpertMlpBase):
             return self.drop2(layout.unpack(layout.linear(h, w2, b2)))
         widths = (self.in_features, self.hidden_features, self.out_features, self.rank)
         thin = thin_layout(x_ND, tokens_per_expert_E, self.backend, widths)
-        h_NH = core_plus_low_rank(
-            thin, x_ND, self.core_w1_DH, self.core_b1_H, self.res_w1_a_EDR, self.res_w1_b_ERH, self.res_b1_EH
-        )
+        if core_hidden_NH is None:
+            core_hidden_NH = nn.functional.linear(x_ND, self.core_w1_DH.t(), self.core_b1_H)
+        h_NH = core_plus_low_rank(thin, x_ND, core_hidden_NH, self.res_w1_a_EDR, self.res_w1_b_ERH, self.res_b1_EH)
         h_NH = self.drop1(self.act(h_NH))
-        y_NO = core_plus_low_rank(
-            thin, h_NH, self.core_w2_HO, self.core_b2_O, self.res_w2_a_EHR, self.res_w2_b_ERO, self.res_b2_EO
-        )
+        core_NO = nn.functional.linear(h_NH, self.core_w2_HO.t(), self.core_b2_O)
+        y_NO = core_plus_low_rank(thin, h_NH, core_NO, self.res_w2_a_EHR, self.res_w2_b_ERO, self.res_b2_EO)
         return self.drop2(y_NO)
 
 
@@ -218,14 +238,13 @@ def thin_layout(
 def core_plus_low_rank(
     thin: GroupedLayout,
     x_NI: torch.Tensor,
-    core_w_IO: torch.Tensor,
-    core_b_O: torch.Tensor | None,
+    core: torch.Tensor,
     a_EIR: torch.Tensor,
     b_ERO: torch.Tensor,
     res_b_EO: torch.Tensor | None,
 ) -> torch.Tensor:
-    """x·W⁰ + b⁰ as one dense GEMM over all rows, plus (x·Aₑ)·Bₑ + bₑ per row's expert e."""
-    core = nn.functional.linear(x_NI, core_w_IO.t(), core_b_O)
+    """The core term (x·W⁰ + b⁰, one dense GEMM over rows or tokens, computed by the caller) plus
+    (x·Aₑ)·Bₑ + bₑ per row's expert e."""
     delta = thin.unpack(thin.linear(thin.linear(thin.pack(x_NI), a_EIR, None), b_ERO, res_b_EO))
     return core + delta.to(core.dtype)
 

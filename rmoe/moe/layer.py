@@ -14,7 +14,7 @@ from torch import nn
 
 from rmoe.moe.aux import MoEAux, compute_aux
 from rmoe.moe.config import AuxLossWeights, MoEConfig
-from rmoe.moe.dispatch import LocalDispatcher, TokenDispatcher
+from rmoe.moe.dispatch import Dispatched, LocalDispatcher, TokenDispatcher
 from rmoe.moe.experts import GroupedExperts, ResidualExperts, weight_std
 from rmoe.moe.routing import TopKRouter
 
@@ -143,11 +143,25 @@ class MoEMlp(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.router(x_TD)
         dispatched = self.dispatcher.dispatch(x_TD, routing)
-        y_NO = self.experts(dispatched.x_ND, dispatched.tokens_per_expert_E)
+        core_hidden_NH = self._core_hidden_per_token(x_TD, dispatched)
+        if core_hidden_NH is None:
+            y_NO = self.experts(dispatched.x_ND, dispatched.tokens_per_expert_E)
+        else:
+            y_NO = self.experts(dispatched.x_ND, dispatched.tokens_per_expert_E, core_hidden_NH)
         y_TKO = self.dispatcher.combine(y_NO, dispatched.state)
         y_TO = combine_slots(y_TKO, routing.gates_TK, self.alignment)
         self._last_aux = compute_aux(routing, self.aux_weights, reduce=self.dispatcher.reduce_sum)
         return y_TO.reshape(*lead_shape, y_TO.shape[-1]).to(x.dtype)
+
+    def _core_hidden_per_token(self, x_TD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor | None:
+        """The experts' token-only first-layer term, computed once per token and copied to the token's rows,
+        where that is less work than computing it per row: rows are local tokens and outnumber them (k > 1).
+        Rows from other devices (expert parallelism) carry no token map and compute it per row."""
+        rows = dispatched.token_of_row_N
+        if rows is None or not self.experts.shares_core_input or rows.shape[0] <= x_TD.shape[0]:
+            return None
+        assert isinstance(self.experts, ResidualExperts)
+        return self.experts.core_hidden(x_TD).index_select(0, rows)
 
     def pop_aux(self) -> MoEAux | None:
         """Aux losses/telemetry of the latest forward, handed out once."""
