@@ -1,0 +1,93 @@
+"""Stage overhead: the seconds each stage of a pipeline run spends outside training and evaluation (goal ≤ 10 s
+per stage on local Ray), part by part from the stage's measured cost ledger (`rmoe_platform.cost.ledger`).
+
+Runs the experiment preset (default: the demo, every pipeline) on a local Ray into a temporary results store
+and prints, per stage, the ledger's parts: start (fit called → worker entered: controller, worker group,
+process group, dataset split), setup (build or restore the model), ingest_start (waiting for each epoch's
+first batch), checkpoint, teardown (final report → fit returned), then overhead ÷ wall time. Stages are
+trained, not read from a cache: the results store and checkpoints are fresh.
+
+    python benchmarks/stage_overhead.py                                       # demo preset, ~10 min
+    python benchmarks/stage_overhead.py --config configs/smoke.yaml           # every pipeline, ~2 min
+    python benchmarks/stage_overhead.py --pipelines dense,rmoe_d --set upstream.budget.epochs=1
+
+A benchmark, not a test: the goal is marked met/MISSED but the exit status is that of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "platform")]
+
+from rmoe_platform.cli.pipeline import main as run_pipelines  # noqa: E402
+from rmoe_platform.cost.ledger import COMPUTE_PARTS, DRIVER_PARTS, WORKER_PARTS  # noqa: E402
+from rmoe_platform.results import ResultsStore  # noqa: E402
+
+GOAL_OVERHEAD_SECONDS = 10.0  # per stage, outside training and evaluation
+PARTS = (DRIVER_PARTS[0], *WORKER_PARTS, DRIVER_PARTS[1])  # in the order a stage spends them
+
+
+def stage_table(rows: list[dict]) -> list[dict[str, float | str]]:
+    """One entry per trained stage: its ledger's seconds per part, overhead and wall time."""
+    table = []
+    for row in sorted(rows, key=lambda r: r["started_at"]):
+        ledger = row["ledger"] if isinstance(row["ledger"], dict) else json.loads(row["ledger"])
+        parts = {part: float(ledger[f"{part}_seconds"]) for part in PARTS}
+        compute = sum(parts[p] for p in COMPUTE_PARTS)
+        wall = sum(parts.values())
+        table.append({"stage": row["stage"], "steps": row["budget_steps"], **parts, "overhead": wall - compute})
+        table[-1]["wall"] = wall
+    return table
+
+
+def print_table(table: list[dict[str, float | str]]) -> None:
+    columns = [*PARTS, "overhead", "wall"]
+    print(f"{'stage':<22}{'steps':>6}" + "".join(f"{c:>13}" for c in columns) + "   share  goal")
+    for entry in table:
+        overhead, wall = float(entry["overhead"]), float(entry["wall"])
+        verdict = "met" if overhead <= GOAL_OVERHEAD_SECONDS else "MISSED"
+        cells = "".join(f"{float(entry[c]):>13.1f}" for c in columns)
+        print(f"{entry['stage']:<22}{entry['steps']:>6}{cells}   {overhead / wall:>5.0%}  {verdict}")
+    overheads = [float(e["overhead"]) for e in table]
+    print(
+        f"\n{len(table)} stages: overhead per stage median {statistics.median(overheads):.1f} s, "
+        f"max {max(overheads):.1f} s (goal ≤ {GOAL_OVERHEAD_SECONDS:.0f} s: "
+        f"{'met' if max(overheads) <= GOAL_OVERHEAD_SECONDS else 'MISSED'}); "
+        f"{sum(overheads):.0f} s of {sum(float(e['wall']) for e in table):.0f} s of stage wall time is overhead"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    parser.add_argument("--pipelines", help="comma-separated subset (default: the preset's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--data", default=str(ROOT / "runs" / "data"), help="dataset root (generated when absent)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = str(Path(tmp) / "results")
+        argv_run = ["--config", str(args.config), "--results", results]
+        argv_run += ["--set", f"storage={Path(tmp) / 'checkpoints'}", "--set", f"data.uri={args.data}"]
+        argv_run += [item for override in args.overrides for item in ("--set", override)]
+        if args.pipelines:
+            argv_run += ["--pipelines", args.pipelines]
+        started = time.perf_counter()
+        status = run_pipelines(argv_run)
+        elapsed = time.perf_counter() - started
+        rows = [r for r in ResultsStore(results).rows(row_type="stage") if r["ledger"] and not r["cached"]]
+        print(f"\n== stage overhead ({args.config.name}; the whole run took {elapsed:.0f} s) ==")
+        if rows:
+            print_table(stage_table(rows))
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
