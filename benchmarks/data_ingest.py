@@ -1,5 +1,6 @@
 """Data ingest throughput: images/s that Ray Data streams from S3 into a Ray Train worker's loop, ÷ a
-plain single-process loop that decodes and augments the same shards from local disk (goal ≥ 0.8).
+plain single-process loop that decodes and augments the same shards from local disk (goal ≥ 1.0), and
+the wait for an epoch's first batch once the pipeline is warm (goal ≤ 1 s).
 
 Both paths do the same work per image (PNG decode, random resized crop, flip, normalize, batch into
 torch tensors). The S3 endpoint is a `moto_server` on loopback that the benchmark starts and stops.
@@ -33,6 +34,9 @@ from rmoe_platform.datasets.codec import decode_image
 from rmoe_platform.datasets.ingest import DecodeSpec, create_ledger, open_dataset, read_split
 from rmoe_platform.storage.local_s3 import LocalS3
 from rmoe_platform.tasks.normalizer import Normalizer
+
+GOAL_RATIO = 1.0  # Ray Data images/s ÷ the plain loop's, at least: decode tasks use both cores, the loop one
+GOAL_FIRST_BATCH_SECONDS = 1.0  # from an epoch's start to its first batch, once the pipeline is warm
 
 
 def plain_loop(root: Path, card, size: int, batch: int) -> float:
@@ -134,7 +138,10 @@ def main() -> None:
         f"{os.cpu_count()} cores: plain loop (local disk) {statistics.median(plain):.0f} img/s; Ray Data (S3 on "
         f"moto) {statistics.median(streamed):.0f} img/s, first batch after {statistics.median(first):.2f} s"
     )
-    print(f"Ray Data ÷ plain loop = {ratio:.2f} (goal ≥ 0.8: {'met' if ratio >= 0.8 else 'MISSED'})")
+    print(f"Ray Data ÷ plain loop = {ratio:.2f} (goal ≥ {GOAL_RATIO}: {'met' if ratio >= GOAL_RATIO else 'MISSED'})")
+    latency = statistics.median(first)
+    verdict = "met" if latency <= GOAL_FIRST_BATCH_SECONDS else "MISSED"
+    print(f"first batch of the second epoch after {latency:.2f} s (goal ≤ {GOAL_FIRST_BATCH_SECONDS:g} s: {verdict})")
 
 
 if __name__ == "__main__":
