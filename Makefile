@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/expert_parallel.py
 	$(PY) benchmarks/data_ingest.py
+	$(PY) benchmarks/stage_overhead.py --config configs/smoke.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache
