@@ -1,7 +1,7 @@
 """GPU speed, side by side in one run (the second half of `benchmarks/device_check.sh`):
 
 1. the MoE MLP (E=8, top-1 and top-2) in bf16 at a large token count, fwd+bwd tokens/s ÷ the dense MLP of
-   equal active FLOPs (goal >= 0.85), from `benchmarks/moe_layer.py` on CUDA;
+   equal active FLOPs (goal >= 0.9), from `benchmarks/moe_layer.py` on CUDA;
 2. the model FLOP utilisation of a Swin-T RMoE training step in bf16: analytic training FLOPs
    (`rmoe.cost`) ÷ measured step time ÷ the device's peak dense bf16 FLOP/s (goal >= 40% on an H100);
 3. the bf16 ÷ fp32 step-time ratio of that same step (fp32 with torch's defaults: no TF32 matmuls).

@@ -28,10 +28,12 @@ from rmoe_platform.datasets import SceneRecipe, write_dataset
 # which rounds differently in the last bit from the reference's per-half GEMMs. Segmentation (like
 # classification) stays within 1e-5. Mask R-CNN's mask targets are ground-truth masks cropped at the
 # proposals and thresholded at 0.5: proposals move with the network's outputs, so a last-bit difference
-# can flip a target pixel, and the mask head's gradients then differ by a few 1e-5 (the losses agree to
-# 1e-5). Reordering the reference's two halves changes its gradients by < 1e-7: the gap is not summation
-# order.
-GRAD_TOLERANCE = {"segmentation": 1e-5, "detection": 1e-4}
+# can flip a target pixel, and the gradients then differ (the losses agree to 1e-5). How much depends on
+# the CPU's BLAS kernels, which decide which pixels flip: a few 1e-5 on one machine; up to 3.5e-4 (the mask
+# head's first conv; the backbone's layers up to 2.3e-4) on an AMD EPYC. Segmentation, at 1e-5, is the
+# tight check of the same expert-parallel backbone; detection's tolerance absorbs the flips. Reordering the
+# reference's two halves changes its gradients by < 1e-7: the gap is not summation order.
+GRAD_TOLERANCE = {"segmentation": 1e-5, "detection": 1e-3}
 
 
 @pytest.mark.slow
@@ -65,9 +67,12 @@ def test_two_expert_parallel_workers_match_one_process(ray_local, tmp_path: Path
         torch.testing.assert_close(distributed.pop("__loss__")[0], loss.detach(), rtol=1e-5, atol=0, msg=task)
         reference_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
         assert set(distributed) == set(reference_grads), task
-        for name, grad in reference_grads.items():
-            err = (distributed[name] - grad).norm() / grad.norm().clamp_min(1e-12)
-            assert err <= GRAD_TOLERANCE[task], f"{task} {name}: relative error {err:.2e}"
+        errors = {
+            name: float((distributed[name] - grad).norm() / grad.norm().clamp_min(1e-12))
+            for name, grad in reference_grads.items()
+        }
+        worst = sorted(errors.items(), key=lambda item: -item[1])[:5]
+        assert worst[0][1] <= GRAD_TOLERANCE[task], f"{task}: largest relative gradient errors {worst}"
         whole = evaluate(task, data[task], slice(0, val_rows))
         per_worker = [json.loads((tmp_path / f"{task}_metrics_{r}.json").read_text()) for r in range(2)]
         assert per_worker[0] == per_worker[1], "every worker sees the same numbers"

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from rmoe.moe import MoEConfig, MoEMlp, ResidualExperts
 from rmoe.moe.dispatch import Dispatched, LocalDispatcher
-from rmoe.moe.grouped import RaggedLayout
+from rmoe.moe.grouped import LoopLayout, RaggedLayout, SplitLayout, make_layout
 from rmoe.moe.routing import Routing
 
 D, H, E, T = 16, 32, 4, 24
@@ -225,6 +225,27 @@ def test_ragged_grouped_mm_backend_matches_padded_in_bf16() -> None:
     ragged.load_state_dict(padded.state_dict())
     x = torch.randn(64, D, dtype=torch.bfloat16)
     torch.testing.assert_close(ragged(x), padded(x), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_split_layout_matches_the_loop_in_value_and_gradient_with_empty_groups(bias: bool) -> None:
+    """Per-expert GEMMs written into one output (CPU `auto`) equal the concatenating loop, experts without rows
+    included (their weight gradient is zero)."""
+    counts = torch.tensor([3, 0, 5, 1, 0])
+    x = torch.randn(int(counts.sum()), 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 4, dtype=torch.float64, requires_grad=True) if bias else None
+    assert isinstance(make_layout(counts, x.shape[0], "auto", x.float(), (6, 4)), SplitLayout)
+    inputs = (x, w) if b is None else (x, w, b)
+    torch.autograd.gradcheck(lambda *t: SplitLayout(counts).linear(t[0], t[1], t[2] if bias else None), inputs)
+    split = SplitLayout(counts).linear(x, w, b)
+    loop = LoopLayout(counts).linear(x, w, b)
+    torch.testing.assert_close(split, loop)
+    grads = torch.autograd.grad(split.pow(2).sum(), inputs)
+    expected = torch.autograd.grad(loop.pow(2).sum(), inputs)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert grads[1][1].abs().sum() == 0 and grads[1][4].abs().sum() == 0
 
 
 def test_ragged_layout_aligns_every_group_on_the_device() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,24 @@ def test_bad_s3_options_name_the_field() -> None:
         ExperimentConfig.load(None, [*PHASES, "s3.endpoint_url=minio:9000"])
     with pytest.raises(ConfigError, match=r"experiment\.s3\.max_attempts must be >= 1"):
         ExperimentConfig.load(None, [*PHASES, "s3.max_attempts=0"])
+
+
+def test_the_local_endpoint_starts_again_on_another_port_when_its_port_was_taken(monkeypatch) -> None:
+    """A port picked free can be bound by another process before the server binds it: the server exits, and
+    a connection to the port would be answered by the other process; LocalS3 moves on to a fresh port."""
+    from rmoe_platform.storage import local_s3
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        ports = iter([taken, local_s3.free_port()])
+        monkeypatch.setattr(local_s3, "free_port", lambda: next(ports))
+        server = local_s3.LocalS3()
+        with server as endpoint:
+            assert not endpoint.endpoint_url.endswith(f":{taken}")
+            bucket = endpoint.bucket()
+            assert endpoint.client().list_objects_v2(Bucket=bucket)["KeyCount"] == 0
+            log = server.log
+            assert log is not None and log.exists()
+        assert server.process is None and not log.exists(), "stopped, its log removed"

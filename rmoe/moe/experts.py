@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from rmoe.moe.config import ExpertBackend
-from rmoe.moe.grouped import GroupedLayout, grouped_mm_dtype, grouped_mm_fits, make_layout
+from rmoe.moe.grouped import GroupedLayout, SplitLayout, grouped_mm_dtype, grouped_mm_fits, make_layout
 
 ExpertWeights = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
 
@@ -228,9 +228,12 @@ def thin_layout(
     """Layout of the rank-R residual GEMMs: torch's grouped GEMM where it runs (CUDA, bf16, aligned widths);
     elsewhere one thin GEMM per expert on the contiguous slices the dispatcher produced. Padding would copy
     the wide [N, D] / [N, H] activations into [E, C, ·] buffers and back, which costs more than the thin
-    GEMMs themselves (measured in benchmarks/moe_layer.py). An explicit `expert_backend` is honoured."""
+    GEMMs themselves (measured in benchmarks/moe_layer.py); without autocast the thin GEMMs write into one
+    output (`SplitLayout`), under it they run as the loop's. An explicit `expert_backend` is honoured."""
     if backend == "auto":
         ragged = x_ND.device.type == "cuda" and grouped_mm_dtype(x_ND) is not None and grouped_mm_fits(widths)
+        if not ragged and not torch.is_autocast_enabled(x_ND.device.type):
+            return SplitLayout(tokens_per_expert_E)
         backend = "auto" if ragged else "loop"
     return make_layout(tokens_per_expert_E, x_ND.shape[0], backend, x_ND, widths)
 

@@ -7,7 +7,10 @@ A layout decides how the N grouped rows meet the stacked expert weights `w_EIO`:
   offers it for bf16 (CUDA, and CPU). Each expert's group is padded to a multiple of
   `GROUPED_MM_ALIGNMENT` rows on the device (no host sync: the buffer has a static upper bound), because
   the weight-gradient GEMM contracts over the rows and its CUDA kernels want 16-byte aligned groups;
-- `LoopLayout`: one GEMM per expert (a Python loop over E): the reference, not for production.
+- `SplitLayout`: one GEMM per expert on its contiguous rows, written into slices of one output (forward
+  and backward, weight gradients into one [E, I, O] buffer): no padding and no concatenation. What `auto`
+  takes on CPU without autocast, where knowing the group sizes on the host costs nothing;
+- `LoopLayout`: one GEMM per expert (a Python loop over E, outputs concatenated): the reference.
 """
 
 from __future__ import annotations
@@ -121,6 +124,61 @@ class LoopLayout(GroupedLayout):
         return torch.cat(out)
 
 
+class _SplitLinear(torch.autograd.Function):
+    """y[rows of e] = x[rows of e] · w[e] (+ b[e]) for contiguous groups of `sizes` rows, into one output."""
+
+    @staticmethod
+    def forward(ctx, x_NI, w_EIO, b_EO, sizes):  # type: ignore[override]
+        ctx.sizes = sizes
+        ctx.has_bias = b_EO is not None
+        ctx.save_for_backward(x_NI, w_EIO)
+        y_NO = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[-1])
+        for e, rows in _groups(sizes):
+            if b_EO is None:
+                torch.mm(x_NI[rows], w_EIO[e], out=y_NO[rows])
+            else:
+                torch.addmm(b_EO[e], x_NI[rows], w_EIO[e], out=y_NO[rows])
+        return y_NO
+
+    @staticmethod
+    def backward(ctx, dy_NO):  # type: ignore[override]
+        x_NI, w_EIO = ctx.saved_tensors
+        dy_NO = dy_NO.contiguous()
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = x_NI.new_empty(x_NI.shape)
+            for e, rows in _groups(ctx.sizes):
+                torch.mm(dy_NO[rows], w_EIO[e].t(), out=dx[rows])
+        if ctx.needs_input_grad[1]:
+            dw = torch.zeros_like(w_EIO)  # an expert without rows gets a zero gradient
+            for e, rows in _groups(ctx.sizes):
+                torch.mm(x_NI[rows].t(), dy_NO[rows], out=dw[e])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy_NO.new_zeros(w_EIO.shape[0], dy_NO.shape[-1])
+            for e, rows in _groups(ctx.sizes):
+                torch.sum(dy_NO[rows], 0, out=db[e])
+        return dx, dw, db, None
+
+
+def _groups(sizes: list[int]) -> list[tuple[int, slice]]:
+    """(expert, its rows) of every expert that has rows."""
+    out, start = [], 0
+    for e, size in enumerate(sizes):
+        if size:
+            out.append((e, slice(start, start + size)))
+        start += size
+    return out
+
+
+class SplitLayout(LoopLayout):
+    """The loop's contiguous groups (sizes read on the host: free on CPU), each GEMM written into one output."""
+
+    def linear(self, x, w_EIO, b_EO):  # type: ignore[override]
+        w_EIO = w_EIO.to(x.dtype).contiguous()
+        b_EO = None if b_EO is None else b_EO.to(x.dtype)
+        return _SplitLinear.apply(x.contiguous(), w_EIO, b_EO, self.sizes)
+
+
 def grouped_mm_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype torch's grouped GEMM would run in here, or None where it is not offered."""
     if not hasattr(torch.nn.functional, "grouped_mm"):
@@ -139,7 +197,9 @@ def make_layout(
     counts_E: torch.Tensor, num_rows: int, backend: ExpertBackend, x: torch.Tensor, widths: tuple[int, ...]
 ) -> GroupedLayout:
     """The layout of GEMMs whose operands have `widths` (input, hidden, output, rank …) for `backend`:
-    `auto` takes the grouped GEMM on CUDA in bf16 where the widths allow it, else the padded batch GEMM."""
+    `auto` takes the grouped GEMM on CUDA in bf16 where the widths allow it, per-expert GEMMs into one
+    output on CPU without autocast (no padding: measured faster there in benchmarks/moe_layer.py), else
+    the padded batch GEMM."""
     if backend == "loop":
         return LoopLayout(counts_E)
     ragged_dtype = grouped_mm_dtype(x)
@@ -154,4 +214,6 @@ def make_layout(
         return RaggedLayout(counts_E, num_rows, ragged_dtype)
     if backend == "auto" and ragged_dtype is not None and x.device.type == "cuda" and grouped_mm_fits(widths):
         return RaggedLayout(counts_E, num_rows, ragged_dtype)
+    if backend == "auto" and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        return SplitLayout(counts_E)
     return PaddedLayout(counts_E, num_rows)

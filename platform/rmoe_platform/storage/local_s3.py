@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -72,24 +73,28 @@ class S3Endpoint:
 
 
 class LocalS3:
-    """`with LocalS3() as s3:` starts moto_server on a free loopback port and stops exactly that process."""
+    """`with LocalS3() as s3:` starts moto_server on a free loopback port and stops exactly that process.
+
+    A free port is only free when it is picked: should another process bind it first, the server exits (or
+    someone else answers), and it starts again on another port. The server's output goes to a log file
+    whose tail a failed start shows."""
+
+    START_ATTEMPTS = 3
 
     def __init__(self, startup_timeout: float = 30.0) -> None:
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
+        self.log: Path | None = None
 
     def __enter__(self) -> S3Endpoint:
-        port = free_port()
-        endpoint = f"http://127.0.0.1:{port}"
-        server = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-        # The first 4 requests go unauthenticated: just enough to create a user, a policy and a key.
-        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
-        self.process = subprocess.Popen(
-            [server, "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
         try:
-            self._wait(port)
-            return S3Endpoint(endpoint, *self._credentials(endpoint))
+            for _ in range(self.START_ATTEMPTS):
+                port = free_port()
+                if self._start(port):
+                    endpoint = f"http://127.0.0.1:{port}"
+                    return S3Endpoint(endpoint, *self._credentials(endpoint))
+                self._stop()
+            raise RuntimeError(f"moto_server: every port it was given was taken ({self.START_ATTEMPTS} tries)")
         except BaseException:
             self._stop()
             raise
@@ -97,17 +102,41 @@ class LocalS3:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         self._stop()
 
-    def _wait(self, port: int) -> None:
+    def _start(self, port: int) -> bool:
+        """Start the server on `port`; False when the port turned out to be taken."""
+        server = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+        # The first 4 requests go unauthenticated: just enough to create a user, a policy and a key.
+        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
+        handle, name = tempfile.mkstemp(prefix="moto-server-", suffix=".log")
+        self.log = Path(name)
+        with os.fdopen(handle, "wb") as log:
+            self.process = subprocess.Popen(
+                [server, "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        return self._wait(port)
+
+    def _wait(self, port: int) -> bool:
+        """Until the server says it listens on `port` (it prints that once bound: a connection alone could be
+        answered by whoever else holds the port); False when the port was taken."""
         assert self.process is not None
         deadline = time.monotonic() + self.startup_timeout
         while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start on port {port}") from None
-                time.sleep(0.1)
+            log = self.log_tail()
+            if self.process.poll() is not None:
+                if "Address already in use" in log:
+                    return False
+                raise RuntimeError(f"moto_server exited on port {port}:\n{log}")
+            if f"Running on http://127.0.0.1:{port}" in log:
+                return True
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"moto_server did not start on port {port} in {self.startup_timeout:g} s:\n{log}")
+            time.sleep(0.1)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        """The end of the server's output so far."""
+        if self.log is None or not self.log.exists():
+            return ""
+        return self.log.read_text(errors="replace")[-chars:]
 
     @staticmethod
     def _credentials(endpoint: str) -> tuple[str, str]:
@@ -125,12 +154,14 @@ class LocalS3:
         return key["AccessKeyId"], key["SecretAccessKey"]
 
     def _stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        if self.log is not None:
+            self.log.unlink(missing_ok=True)
+            self.log = None
