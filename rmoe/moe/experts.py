@@ -197,7 +197,7 @@ class ResidualExperts(_ExpertMlpBase):
         return self.rank is not None
 
     def core_hidden(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """The first layer's core term x·W₁⁰ + b₁⁰ of each token (low-rank residuals only)."""
+        """The first layer's core term x·W₁⁰ + b₁⁰ of each token or row (low-rank residuals only)."""
         return nn.functional.linear(x_TD, self.core_w1_DH.t(), self.core_b1_H)
 
     def forward(
@@ -214,7 +214,7 @@ class ResidualExperts(_ExpertMlpBase):
         widths = (self.in_features, self.hidden_features, self.out_features, self.rank)
         thin = thin_layout(x_ND, tokens_per_expert_E, self.backend, widths)
         if core_hidden_NH is None:
-            core_hidden_NH = nn.functional.linear(x_ND, self.core_w1_DH.t(), self.core_b1_H)
+            core_hidden_NH = self.core_hidden(x_ND)
         h_NH = core_plus_low_rank(thin, x_ND, core_hidden_NH, self.res_w1_a_EDR, self.res_w1_b_ERH, self.res_b1_EH)
         h_NH = self.drop1(self.act(h_NH))
         core_NO = nn.functional.linear(h_NH, self.core_w2_HO.t(), self.core_b2_O)
