@@ -345,7 +345,8 @@ def read_split(
     batch_size: int = 256,
 ) -> ray.data.Dataset:
     """The split as a Ray Dataset of decoded rows; `seed` shuffles the shard order per epoch (train only).
-    `batch_size` is rows per decode call (larger amortises Ray's per-task cost; not the training batch).
+    `batch_size` is rows per decoded block a task yields (bounds a block's memory for large shards; not the
+    training batch).
 
     One block per shard, each read and decoded by one task (`read_and_decode`): the card already lists
     the shards and their row counts, so nothing lists files or reads footers when an epoch starts. Ray
