@@ -90,13 +90,55 @@ def _stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 class Server:
     url: str
     pid: int
+    log: Path  # the server's output, kept: its tail says why a server died
+
+    def log_tail(self, lines: int = 40) -> str:
+        return _tail(self.log, lines)
+
+
+START_ATTEMPTS = 3  # a port picked free may be bound by someone else before Streamlit binds it
 
 
 @contextlib.contextmanager
 def serve(results: str, *, log: Path | None = None, timeout: float = 60.0) -> Iterator[Server]:
-    """`streamlit run dashboard/app.py` on a free loopback port, yielded once healthy."""
-    port = free_port()
-    command = [
+    """`streamlit run dashboard/app.py` on a free loopback port, yielded once healthy. Its output goes to
+    `log` (a temporary file when not given, removed after a clean stop); a server that exits before it
+    serves, or while in use, raises or reports with the log's tail."""
+    with contextlib.ExitStack() as stack:
+        if log is None:
+            log = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="streamlit-"))) / "streamlit.log"
+        for attempt in range(1, START_ATTEMPTS + 1):
+            port = free_port()
+            with open(log, "ab") as out:
+                proc = subprocess.Popen(
+                    _command(port, results), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            url = f"http://127.0.0.1:{port}"
+            try:
+                _wait_healthy(url, proc, timeout, log)
+            except _PortTakenError:
+                _stop(proc)
+                if attempt == START_ATTEMPTS:
+                    raise RuntimeError(f"streamlit: every port it was given was taken ({attempt} tries)") from None
+                continue
+            except BaseException:
+                _stop(proc)
+                raise
+            break
+        server = Server(url, proc.pid, log)
+        try:
+            yield server
+        except BaseException:
+            if proc.poll() is not None:
+                print(f"streamlit exited ({proc.returncode}) while in use; its log ends:\n{server.log_tail()}",
+                      file=sys.stderr)  # fmt: skip
+            raise
+        finally:
+            _stop(proc)
+
+
+def _command(port: int, results: str) -> list[str]:
+    return [
         sys.executable, "-m", "streamlit", "run", str(APP),
         "--server.headless", "true",
         "--server.port", str(port),
@@ -106,28 +148,33 @@ def serve(results: str, *, log: Path | None = None, timeout: float = 60.0) -> It
         "--client.toolbarMode", "viewer",
         "--", "--results", results,
     ]  # fmt: skip
-    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, proc, timeout)
-        yield Server(url, proc.pid)
-    finally:
-        _stop(proc)
-        if log:
-            out.close()  # type: ignore[union-attr]
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+class _PortTakenError(Exception):
+    pass
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {proc.returncode} before serving {url}")
+            tail = _tail(log)
+            if "is not available" in tail or "already in use" in tail:
+                raise _PortTakenError(url)
+            raise RuntimeError(f"streamlit exited with {proc.returncode} before serving {url}; its log ends:\n{tail}")
         with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
             if response.status == 200:
                 return
         time.sleep(0.3)
-    raise TimeoutError(f"streamlit did not answer {url}/_stcore/health within {timeout:.0f} s")
+    raise TimeoutError(
+        f"streamlit did not answer {url}/_stcore/health within {timeout:.0f} s; its log ends:\n{_tail(log)}"
+    )
+
+
+def _tail(log: Path, lines: int = 40) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    return "(no log)"
 
 
 @dataclass

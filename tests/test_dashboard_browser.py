@@ -5,6 +5,7 @@ test-artifacts/dashboard/ (where CI leaves them), and a planted error is caught.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,27 @@ def test_an_error_box_on_a_page_is_caught(tmp_path: Path, repo_root: Path) -> No
         tab.screenshot(repo_root / "test-artifacts" / "dashboard" / "planted-error.png")
     assert state.errors == 1 and state.broken, state.text
     assert "Cannot read the results store" in state.text
+
+
+def test_the_server_starts_again_on_another_port_when_its_port_was_taken(tmp_path: Path, monkeypatch) -> None:
+    """A port picked free can be bound by someone else before Streamlit binds it: the server exits, and the
+    helper starts it again on a fresh port; the server's log is kept where the caller asked."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        ports = iter([taken, browser.free_port()])
+        monkeypatch.setattr(browser, "free_port", lambda: next(ports))
+        log = tmp_path / "streamlit.log"
+        with browser.serve(str(tmp_path / "results"), log=log) as server:
+            assert not server.url.endswith(f":{taken}")
+            pid = server.pid
+        assert not _alive(pid)
+    assert f"Port {taken} is not available" in log.read_text(), "the failed start is in the kept log"
+
+
+def test_a_server_that_cannot_start_says_why_from_its_log(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(browser, "APP", tmp_path / "no_such_app.py")
+    refused = pytest.raises(RuntimeError, match=r"(?s)before serving .*its log ends:.*no_such_app\.py")
+    with refused, browser.serve(str(tmp_path / "results"), timeout=30):
+        pass

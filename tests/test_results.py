@@ -8,23 +8,30 @@ from pathlib import Path
 import pytest
 
 from rmoe_platform.results import SCHEMA_VERSION, ResultsStore
+from rmoe_platform.storage.s3 import S3Access
 
 
-def _writer(args: tuple[str, int, int]) -> None:
-    uri, writer, count = args
-    store = ResultsStore(uri)
+def _writer(args: tuple[str, S3Access | None, int, int]) -> None:
+    uri, access, writer, count = args
+    store = ResultsStore(uri, access)
     for i in range(count):
         store.append([{"row_type": "stage", "experiment": "concurrency", "run_id": f"w{writer}-{i}", "metric": i}])
 
 
-def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
-    uri = str(tmp_path / "results")
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_concurrent_writers_lose_nothing(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """8 processes append at once, to a folder or to a bucket on a real S3 endpoint: every row is there once."""
+    if where == "s3":
+        endpoint = request.getfixturevalue("s3_server")
+        uri, access, per_writer = f"s3://{endpoint.bucket()}/results", endpoint.access(), 25
+    else:
+        uri, access, per_writer = str(tmp_path / "results"), None, 50
     with mp.get_context("spawn").Pool(8) as pool:
-        pool.map(_writer, [(uri, w, 50) for w in range(8)])
-    result = ResultsStore(uri).read()
+        pool.map(_writer, [(uri, access, w, per_writer) for w in range(8)])
+    result = ResultsStore(uri, access).read()
     assert not result.skipped
     ids = result.table.column("run_id").to_pylist()
-    assert len(ids) == 400 and len(set(ids)) == 400
+    assert len(ids) == 8 * per_writer and len(set(ids)) == 8 * per_writer
     assert set(result.table.column("schema_version").to_pylist()) == {SCHEMA_VERSION}
 
 
