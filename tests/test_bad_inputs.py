@@ -75,6 +75,7 @@ CASES: dict[str, Case] = {
     ),
     # overrides: types
     "seed-not-int": Case(P, ("--set", "seed=abc"), "experiment.seed: expected int, got 'abc'"),
+    "max-failures-negative": Case(P, ("--set", "max_failures=-1"), "experiment.max_failures must be >= 0, got -1"),
     "seed-bool": Case(P, ("--set", "seed=true"), "experiment.seed: expected int, got True"),
     "lr-not-number": Case(
         P, ("--set", "upstream.optim.lr=abc"), "experiment.upstream.optim.lr: expected float, got 'abc'"

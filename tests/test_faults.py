@@ -19,7 +19,8 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 import yaml
-from processes import descendants
+from outage import OutageProxy
+from processes import cmdline, descendants
 
 from rmoe.checkpoint import save_state_dict
 from rmoe_platform.cli.interrupts import Interrupted, interruptible
@@ -79,12 +80,16 @@ def test_no_storage_yet_means_nothing_to_resume(tmp_path: Path) -> None:
     assert find_resume_point(str(tmp_path / "none"), "x-", finished_runs=(), access=None, log=print) is None
 
 
-def long_dense_job(tmp_path: Path, steps: int, checkpoint_every: int, keep: int) -> tuple[list[str], dict[str, str]]:
+def long_dense_job(
+    tmp_path: Path, steps: int, checkpoint_every: int, keep: int, root: str | None = None
+) -> tuple[list[str], dict[str, str]]:
     """`jobs/pipeline.py` on the smoke preset's dense pipeline with an upstream stage long enough to stop
-    mid-way (checkpointing every `checkpoint_every` steps), in its own local Ray; returns command and env."""
+    mid-way (checkpointing every `checkpoint_every` steps), in its own local Ray; data, checkpoints and
+    results under `root` (tmp_path when not given); returns command and env."""
+    root = root or str(tmp_path)
     experiment = yaml.safe_load(SMOKE.read_text())
-    experiment.update(pipelines=["dense"], storage=str(tmp_path / "ckpt"), results=str(tmp_path / "results"))
-    experiment["data"] = {"uri": str(tmp_path / "data")}
+    experiment.update(pipelines=["dense"], storage=f"{root}/ckpt", results=f"{root}/results")
+    experiment["data"] = {"uri": f"{root}/data"}
     experiment["upstream"]["data"]["generate"]["num_train"] = 1024
     experiment["upstream"]["budget"] = {"steps": steps}
     experiment["upstream"]["checkpoints"] = {"every_n_steps": checkpoint_every, "every_n_epochs": None, "keep": keep}
@@ -103,36 +108,56 @@ def _kill_tree(process: subprocess.Popen) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.slow
-def test_a_killed_driver_resumes_its_stage_from_the_checkpoint(tmp_path: Path) -> None:
-    command, env = long_dense_job(tmp_path, steps=160, checkpoint_every=8, keep=2)
-    checkpoints = tmp_path / "ckpt" / "smoke"
+def _steps_reached(checkpoints: Path) -> list[int]:
+    return sorted(int(p.name[11:]) for p in checkpoints.glob("upstream_dense-*/checkpoint_0*"))
 
-    log = (tmp_path / "first.log").open("w")
+
+def _wait_for_checkpoint(job: subprocess.Popen, checkpoints: Path, step: int, log: Path) -> None:
+    deadline = time.monotonic() + 300
+    while not [s for s in _steps_reached(checkpoints) if s >= step]:
+        assert job.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no checkpoint at step >= {step} in time"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_then_a_killed_driver_and_the_stage_resumes_on_another_worker_count(tmp_path: Path) -> None:
+    """One stage, three faults: its Train worker's process is killed (the worker group restarts in the same
+    run, from the newest checkpoint), then the driver is killed; the rerun, on 2 workers instead of 1,
+    continues from the newest checkpoint. One row, three attempts, no step trained twice in its history."""
+    command, env = long_dense_job(tmp_path, steps=160, checkpoint_every=8, keep=2)
+    command += ["--set", "max_failures=1"]
+    checkpoints, log_path = tmp_path / "ckpt" / "smoke", tmp_path / "first.log"
+
+    log = log_path.open("w")
     first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while not [p for p in checkpoints.glob("upstream_dense-*/checkpoint_0*") if int(p.name[11:]) >= 16]:
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint in time"
-            time.sleep(0.2)
+        _wait_for_checkpoint(first, checkpoints, 16, log_path)
+        workers = [pid for pid in descendants(first.pid) if "RayTrainWorker" in " ".join(cmdline(pid))]
+        assert len(workers) == 1, [cmdline(pid) for pid in descendants(first.pid)]
+        os.kill(workers[0], signal.SIGKILL)
+        killed_after = max(_steps_reached(checkpoints))
+        _wait_for_checkpoint(first, checkpoints, killed_after + 16, log_path)  # the restarted group trains on
     finally:
         _kill_tree(first)
         log.close()
-    reached = max(int(p.name[11:]) for p in checkpoints.glob("upstream_dense-*/checkpoint_0*"))
+    reached = max(_steps_reached(checkpoints))
     assert reached < 160, "killed mid-stage"
     assert not ResultsStore(str(tmp_path / "results")).rows(row_type="stage", stage="upstream_dense")
 
-    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    two_workers = [*command, "--set", "scaling={num_workers: 2}"]
+    second = subprocess.run(two_workers, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "[upstream_dense] resuming interrupted run upstream_dense-" in second.stdout
+    assert "on 2 worker(s)" in second.stdout
     rows = ResultsStore(str(tmp_path / "results")).rows(row_type="stage", stage="upstream_dense")
-    assert len(rows) == 1 and rows[0]["status"] == "succeeded" and rows[0]["attempts"] == 2
+    assert len(rows) == 1 and rows[0]["status"] == "succeeded", "the row is written once"
+    assert rows[0]["attempts"] == 3 and rows[0]["num_workers"] == 2
     history = json.loads(rows[0]["history"])
     steps = [entry["step"] for entry in history if "step" in entry]
     before_final = [step for step in steps if step < 160]  # the last step reports twice: training, then final
     assert before_final == sorted(set(before_final)) and steps[-1] == 160, "no step is repeated in the history"
-    assert any(step <= reached for step in steps) and any(step > reached for step in steps), "both attempts' reports"
+    assert any(step <= killed_after for step in steps) and any(step > reached for step in steps), "every attempt's"
     ledger = json.loads(rows[0]["ledger"])  # the attempts' parts summed: still adding up to the wall time
     assert ledger["train_seconds"] > 0 and sum(ledger.values()) == pytest.approx(rows[0]["wall_seconds"], rel=1e-3)
     assert rows[0]["flops"] > 0
@@ -180,3 +205,67 @@ def test_ctrl_c_or_sigterm_stops_the_job_cleanly_and_says_how_to_resume(
     assert not ResultsStore(str(tmp_path / "results")).rows(), "an interrupted stage writes no row"
     for checkpoint in checkpoints.glob("upstream_dense-*/checkpoint_0*"):
         assert checkpoint_problem(pafs.LocalFileSystem(), str(checkpoint)) is None, "every checkpoint is whole"
+
+
+@pytest.mark.slow
+def test_an_s3_endpoint_restarting_mid_stage_fails_the_stage_clearly_and_the_rerun_resumes(
+    s3_server, tmp_path: Path
+) -> None:
+    """Data, checkpoints and results on S3, reached through a proxy that goes down for 10 s once the stage has
+    a checkpoint (the endpoint restarting, its data kept): the stage fails with one line naming the endpoint,
+    its row waits for the endpoint to come back, no checkpoint is half-written or loaded partially, and
+    the rerun resumes from the newest whole checkpoint and writes one succeeded row."""
+    bucket = s3_server.bucket()
+    client, access = s3_server.client(), s3_server.access()
+    with OutageProxy(int(s3_server.endpoint_url.rsplit(":", 1)[1])) as proxy:
+        command, env = long_dense_job(tmp_path, steps=48, checkpoint_every=8, keep=2, root=f"s3://{bucket}")
+        env.update({**s3_server.env(), "AWS_ENDPOINT_URL": proxy.url})
+
+        def checkpoint_keys() -> list[str]:
+            listed = client.list_objects_v2(Bucket=bucket, Prefix="ckpt/smoke/upstream_dense-").get("Contents", [])
+            return [o["Key"] for o in listed]
+
+        log = (tmp_path / "first.log").open("w")
+        first = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while not any(key.endswith(f"/{OPTIMIZER_FILE}") for key in checkpoint_keys()):
+                assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint in time"
+                time.sleep(0.2)
+            proxy.down()
+            time.sleep(10)
+            proxy.up()
+            first.wait(timeout=300)
+        finally:
+            _kill_tree(first)
+            log.close()
+        output = (tmp_path / "first.log").read_text()
+        assert first.returncode == 1, output[-3000:]
+        assert (
+            f"[upstream_dense] FAILED: storage unreachable: the S3 endpoint {proxy.url} could not be reached" in output
+        )
+        assert "rerun once the endpoint is back" in output and "Traceback" not in output, output[-3000:]
+        store = ResultsStore(f"s3://{bucket}/results", s3=access)
+        failed = store.rows(row_type="stage", stage="upstream_dense")
+        assert [row["status"] for row in failed] == ["failed"], "the failed row waited for the endpoint"
+        fs = access.filesystem()
+        files = [key for key in checkpoint_keys() if "/checkpoint_" in key and not key.endswith("/")]
+        directories = {key.rsplit("/", 1)[0] for key in files}
+        whole = {d for d in directories if checkpoint_problem(fs, f"{bucket}/{d}") is None}
+        assert whole, "a whole checkpoint survived the outage"
+
+        second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    resumed = max(int(d.rsplit("_", 1)[1]) for d in whole)
+    assert "[upstream_dense] resuming interrupted run upstream_dense-" in second.stdout
+    assert f"from step {resumed} " in second.stdout, "from the newest whole checkpoint"
+    rows = store.rows(row_type="stage", stage="upstream_dense")
+    assert sorted(row["status"] for row in rows) == ["failed", "succeeded"]
+    succeeded = next(row for row in rows if row["status"] == "succeeded")
+    steps = [entry["step"] for entry in json.loads(succeeded["history"]) if "step" in entry]
+    before_final = [step for step in steps if step < 48]  # the last step reports twice: training, then final
+    assert succeeded["attempts"] == 2 and steps[-1] == 48
+    assert before_final == sorted(set(before_final)), "continued from the checkpoint: no step repeated in the history"

@@ -75,3 +75,30 @@ def test_rows_from_before_the_cost_ledger_load_in_the_runner_and_the_sweep_repor
     assert trials
     text = format_tables(trials, "dollars", "accuracy", None)
     assert text.startswith(f"{len(trials)} trial(s)") and "(no finished trial)" not in text
+
+
+def test_a_write_waits_out_an_unreachable_endpoint_then_gives_up_with_a_clear_error(s3_server) -> None:
+    import threading
+    import time
+
+    from outage import OutageProxy
+
+    from rmoe_platform.results import ResultsWriteError
+
+    bucket = s3_server.bucket()
+    with OutageProxy(int(s3_server.endpoint_url.rsplit(":", 1)[1])) as proxy:
+        access = s3_server.access(endpoint_url=proxy.url, max_attempts=1)
+        store = ResultsStore(f"s3://{bucket}/results", access, write_patience=30)
+        proxy.down()
+        threading.Timer(3.0, proxy.up).start()  # the endpoint comes back while the write waits
+        started = time.monotonic()
+        store.append([{"row_type": "stage", "run_id": "through-a-restart"}])
+        assert time.monotonic() - started >= 2.5
+        assert [r["run_id"] for r in store.rows()] == ["through-a-restart"]
+
+        proxy.down()
+        impatient = ResultsStore(f"s3://{bucket}/results", access, write_patience=2)
+        with pytest.raises(ResultsWriteError, match=rf"results: cannot write rows to 's3://{bucket}/results' \(tried "):
+            impatient.append([{"row_type": "stage", "run_id": "lost-if-written-half"}])
+        proxy.up()
+        assert [r["run_id"] for r in store.rows()] == ["through-a-restart"], "nothing of the refused write"

@@ -71,7 +71,7 @@ def main(argv: list[str], default_config: Path | None = None) -> int:
         exp = load_experiment(args)
         from rmoe_platform.pipelines.replicates import ReplicatedRunner
         from rmoe_platform.pipelines.report import format_replicates, format_report
-        from rmoe_platform.results import ResultsStore
+        from rmoe_platform.results import ResultsStore, ResultsWriteError
         from rmoe_platform.storage.s3 import S3Access
 
         access = S3Access.resolve(exp.s3)
@@ -97,6 +97,11 @@ def main(argv: list[str], default_config: Path | None = None) -> int:
             )
             disconnect()
             return stop.exit_status
+        except ResultsWriteError as err:
+            rerun = shlex.join(["jobs/pipeline.py", *argv])
+            print(f"error: {err}; checkpoints are kept: rerun `{rerun}` to resume", file=sys.stderr, flush=True)
+            disconnect()
+            return 1
     for seed, single in report.reports.items():
         print(f"\nseed {seed}:" if len(report.reports) > 1 else "")
         print(format_report(single))

@@ -13,6 +13,7 @@ from rmoe_platform.cli.interrupts import Interrupted, interruptible
 from rmoe_platform.cli.options import add_seeds, seeds_override
 from rmoe_platform.cluster import connect, disconnect
 from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.results.store import ResultsWriteError
 
 
 def parser(default_config: Path | None) -> argparse.ArgumentParser:
@@ -57,12 +58,19 @@ def main(argv: list[str], default_config: Path | None = None) -> int:
         try:
             report = driver.run()
         except Interrupted as stop:
-            command = shlex.join(["jobs/sweep.py", *[a for a in argv if a != "--resume"], "--resume"])
-            print(stop.resume_hint(None, command), file=sys.stderr, flush=True)
+            print(stop.resume_hint(None, _resume_command(argv)), file=sys.stderr, flush=True)
             disconnect()
             return stop.exit_status
+        except ResultsWriteError as err:
+            print(f"error: {err}; checkpoints are kept: rerun `{_resume_command(argv)}`", file=sys.stderr, flush=True)
+            disconnect()
+            return 1
     print()
     print(report.table)
     elapsed = time.perf_counter() - started
     print(f"\nwall time {elapsed:.0f} s; rows in {sweep.experiment.results} with sweep_id {report.sweep_id}")
     return 0 if report.ok else 1
+
+
+def _resume_command(argv: list[str]) -> str:
+    return shlex.join(["jobs/sweep.py", *[a for a in argv if a != "--resume"], "--resume"])

@@ -167,9 +167,13 @@ class ExperimentConfig:
     seed: int = 0  # the seed of a single run (model init, MoE noise, shuffle order, augmentation draws)
     seeds: tuple[int, ...] = ()  # replicates: every pipeline once per seed, paired across pipelines by seed
     precision: str = "auto"  # every phase's training precision unless the phase sets its own (PRECISIONS)
+    # worker-group restarts a stage may make when a Train worker dies (a node lost, an OOM kill): each
+    # continues from the stage's newest checkpoint; 0: the stage fails, and a rerun resumes it
+    max_failures: int = 0
 
     def __post_init__(self) -> None:
         check(bool(self.name) and "/" not in self.name, f"name must be non-empty without '/', got {self.name!r}")
+        check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
         check_precision(self.precision)
         check(len(self.pipelines) > 0, "pipelines must name at least one pipeline")
         for pipeline in self.pipelines:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,12 @@ class StageNode:
     imported: ImportedCore | None = None  # set on an imported core (its config only records the model)
 
     @property
+    def resume_hash(self) -> str:
+        """What a rerun must match to continue an interrupted run of this stage: the config hash less how
+        the stage is spread over workers (the global batch is fixed), so a run continues on any worker count."""
+        return stage_hash(self.config, self.parent and self.parent.config_hash, ignore=("scaling",))
+
+    @property
     def metric_name(self) -> str:
         """The validation metric of the stage's task (accuracy, mIoU, bbox_mAP)."""
         return METRIC_NAMES[self.config.task]
@@ -78,12 +84,12 @@ _NEUTRAL_ADDITIONS: dict[tuple[str, ...], Any] = {
 }
 
 
-def stage_hash(config: StageConfig, parent_hash: str | None) -> str:
-    """Content hash of what the stage computes: its config (minus run-time fields) and its parent.
+def stage_hash(config: StageConfig, parent_hash: str | None, ignore: Collection[str] = ()) -> str:
+    """Content hash of what the stage computes: its config (minus run-time fields and `ignore`) and its parent.
 
     Fields added later enter the hash only where they change the computation (`_NEUTRAL_ADDITIONS`; and
     `precision` wherever the arithmetic stays fp32, e.g. `auto` on CPU workers)."""
-    data = {k: v for k, v in config.to_dict().items() if k not in _HASH_EXCLUDED}
+    data = {k: v for k, v in config.to_dict().items() if k not in _HASH_EXCLUDED and k not in ignore}
     data["model"] = {k: v for k, v in data["model"].items() if k != "parent_checkpoint"}
     if config.computes_in_fp32:
         del data["precision"]
@@ -247,4 +253,5 @@ def _stage(
         checkpoint=phase.checkpoints,
         precision=phase.precision or exp.precision,
         compile=phase.compile,
+        max_failures=exp.max_failures,
     )

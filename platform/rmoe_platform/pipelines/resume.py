@@ -1,10 +1,11 @@
 """Find where an interrupted stage can continue: the newest whole checkpoint of an unfinished run.
 
-A stage's runs are named `<stage>-<config hash>-<suffix>` under the experiment's storage, so a rerun of the
-experiment (after a cancelled job, a restarted head, Ctrl-C) finds the runs of a stage with the same
-config hash that never wrote a succeeded row, and resumes from the newest of their checkpoints that is
-whole. A checkpoint is whole when its state file parses and each safetensors file is as long as its
-header says: a checkpoint cut short by a kill is passed over (and said so), never loaded partially.
+A stage's runs are named `<stage>-<resume hash>-<suffix>` under the experiment's storage (the resume hash is
+the config hash less the worker layout), so a rerun of the experiment (after a cancelled job, a restarted
+head, Ctrl-C), on any worker count, finds the runs of the stage that never wrote a succeeded row, and
+resumes from the newest of their checkpoints that is whole. A checkpoint is whole when its state file parses
+and each safetensors file is as long as its header says: a checkpoint cut short by a kill is passed over
+(and said so), never loaded partially.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from rmoe_platform.storage.s3 import S3Access
 CHECKPOINT_PREFIX = "checkpoint_"
 
 
-def run_prefix(stage_key: str, config_hash: str) -> str:
+def run_prefix(stage_key: str, resume_hash: str) -> str:
     """The start of every run name of a stage with this config (the runner appends a unique suffix)."""
-    return f"{stage_key.replace('/', '-')}-{config_hash[:8]}-"
+    return f"{stage_key.replace('/', '-')}-{resume_hash[:8]}-"
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,9 @@ def _safetensors_problem(fs: pafs.FileSystem, path: str) -> str | None:
 
 
 def _children(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
-    try:
-        return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except OSError:
-        return []
+    """The entries under `path` (none when it does not exist). Any other failure (an unreachable endpoint,
+    a refusal) is raised: read as "nothing to resume", it would start an interrupted stage from scratch."""
+    return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
 
 
 def _step(name: str) -> int | None:

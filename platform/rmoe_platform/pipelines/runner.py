@@ -4,6 +4,7 @@ written as stages finish, a summary row per pipeline; the report holds the paper
 from __future__ import annotations
 
 import datetime as dt
+import re
 import traceback
 import uuid
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 from rmoe_platform import storage
 from rmoe_platform.config.experiment import ExperimentConfig
 from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.cost.devices import device_table
 from rmoe_platform.cost.ledger import StageLedger
 from rmoe_platform.datasets.checks import DatasetCheck, check_dataset, ensure_dataset
@@ -23,11 +25,11 @@ from rmoe_platform.pipelines.imported import inspect_core, materialize_core
 from rmoe_platform.pipelines.model_checks import check_stage_models
 from rmoe_platform.pipelines.outcomes import ExperimentReport, PipelineSummary, StageOutcome, SweepTrial
 from rmoe_platform.pipelines.report import fmt
-from rmoe_platform.pipelines.resume import find_resume_point, run_prefix
+from rmoe_platform.pipelines.resume import ResumePoint, find_resume_point, run_prefix
 from rmoe_platform.results import ResultsStore
 from rmoe_platform.results.rows import RowContext, git_commit, now, pipeline_row, row_cost, stage_row
 from rmoe_platform.stage.run import StageResult, run_stage
-from rmoe_platform.storage.s3 import S3Access
+from rmoe_platform.storage.s3 import S3Access, unreachable
 
 # Given a stage about to run and what its finished ancestors cost, the Ray Train callbacks to run it with.
 StageCallbacks = Callable[[StageNode, Cost], list[Any]]
@@ -144,32 +146,25 @@ class ExperimentRunner:
         config = node.config
         if parent is not None:
             config = replace(config, model=replace(config.model, parent_checkpoint=parent.checkpoint_uri))
-        prefix = run_prefix(node.key, node.config_hash)
+        prefix = run_prefix(node.key, node.resume_hash)
         run_id = f"{prefix}{uuid.uuid4().hex[:6]}"
         started = now()
         extra: dict[str, Any] = {}
-        finished = {row["run_id"] for row in self._succeeded.get(node.config_hash, [])}
-        resume = find_resume_point(config.storage, prefix, finished_runs=finished, access=self.access, log=self.log)
-        if resume is None:
-            self.log(f"[{node.key}] running on {config.scaling.num_workers} worker(s) …")
-        else:
-            extra["resume_from"] = resume.checkpoint_uri
-            self.log(
-                f"[{node.key}] resuming interrupted run {resume.run_name} from step {resume.step} "
-                f"on {config.scaling.num_workers} worker(s) …"
-            )
         if self.stage_callbacks is not None:
             ancestors = [outcomes[n.key] for n in node.lineage[:-1]]
             extra["callbacks"] = self.stage_callbacks(node, total(a.cost for a in ancestors))
         self.running = node.key  # stays set when an interruption (not an Exception) stops the stage
         try:
+            resume = self._resume_point(node, config, prefix)
+            if resume is not None:
+                extra["resume_from"] = resume.checkpoint_uri
             result = self.stage_runner(config, run_name=run_id, s3=self.access, **extra)
         except ConfigError:
             self.running = None
             raise
         except Exception as err:  # a failed stage is recorded; the others go on
             self.running = None
-            outcome = StageOutcome(node, "failed", run_id, error=f"{type(err).__name__}: {err}")
+            outcome = StageOutcome(node, "failed", run_id, error=self._failure(err))
             self.store.append([self._stage_row(outcome, None, pipelines, parent, started, traceback.format_exc())])
             self.log(f"[{node.key}] FAILED: {outcome.error}")
             return outcome
@@ -190,6 +185,32 @@ class ExperimentRunner:
             f"{cost.overhead_device_seconds:.0f} overhead ({_parts(measured.ledger)})"
         )
         return outcome
+
+    def _resume_point(self, node: StageNode, config: StageConfig, prefix: str) -> ResumePoint | None:
+        """The newest whole checkpoint of an interrupted run of this stage, if any (said in the log)."""
+        finished = {row["run_id"] for rows in self._succeeded.values() for row in rows}  # on any worker count
+        resume = find_resume_point(config.storage, prefix, finished_runs=finished, access=self.access, log=self.log)
+        workers = config.scaling.num_workers
+        if resume is None:
+            self.log(f"[{node.key}] running on {workers} worker(s) …")
+        else:
+            where = f"run {resume.run_name} from step {resume.step}"
+            self.log(f"[{node.key}] resuming interrupted {where} on {workers} worker(s) …")
+        return resume
+
+    def _failure(self, err: Exception) -> str:
+        """What a failed stage's row and log say: as raised, or, when storage could not be reached (an S3
+        endpoint restarting, a network cut), that and what to do: its whole checkpoints are kept."""
+        text = f"{type(err).__name__}: {err}"
+        if not unreachable(text):
+            return text
+        operation = re.search(r"NETWORK_CONNECTION during (\w+) operation", text)
+        during = f" ({operation.group(1)})" if operation else ""
+        endpoint = (self.access.endpoint_url if self.access else None) or "of AWS"
+        return (
+            f"storage unreachable: the S3 endpoint {endpoint} could not be reached during the stage{during}; "
+            "its whole checkpoints are kept: rerun once the endpoint is back and the stage resumes from the newest"
+        )
 
     def _imported(self, node: StageNode, pipelines: list[str]) -> StageOutcome:
         """The imported core: written once as a platform checkpoint, charged its declared cost; its row is

@@ -3,7 +3,9 @@ one per pipeline summary.
 
 Every write is a new object with a unique name, written whole (a temp file renamed into place locally;
 a single PUT on S3), never a read-modify-write: concurrent writers cannot lose each other's rows.
-Readers skip files they cannot parse and report them instead of failing.
+A write to an S3 endpoint that cannot be reached is tried again for a while (an endpoint restarting, a
+network cut): the row of a stage that trained for hours is worth a minute's wait. Readers skip files they
+cannot parse and report them instead of failing.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,7 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rmoe_platform import storage
-from rmoe_platform.storage.s3 import S3Access
+from rmoe_platform.storage.s3 import S3Access, explain_error, unreachable
 
 # 2: predictions_uri; 3: the cost ledger (device_seconds = compute only, overhead apart); 4: seed;
 # 5: attempts (a stage resumed after an interruption)
@@ -95,12 +98,18 @@ class ReadResult:
     skipped: list[str] = field(default_factory=list)  # "path: reason" for files that could not be read
 
 
-class ResultsStore:
-    """Append rows to, and read rows from, the Parquet dataset at `uri`."""
+class ResultsWriteError(RuntimeError):
+    """Rows could not be written (after waiting out an unreachable endpoint): nothing of them was written."""
 
-    def __init__(self, uri: str, s3: S3Access | None = None) -> None:
+
+class ResultsStore:
+    """Append rows to, and read rows from, the Parquet dataset at `uri`. `write_patience`: seconds a write
+    keeps trying an S3 endpoint that cannot be reached before it gives up."""
+
+    def __init__(self, uri: str, s3: S3Access | None = None, write_patience: float = 60.0) -> None:
         self.uri = storage.normalize(uri)
         self.access = s3
+        self.write_patience = write_patience
         self.fs, self.root = storage.filesystem(self.uri, field="results", s3=s3)
 
     def check_writable(self) -> None:
@@ -116,8 +125,23 @@ class ResultsStore:
         final = f"{self.root.rstrip('/')}/{name}"
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
-        storage.write_bytes(self.fs, final, buffer.getvalue())  # appears whole or not at all
+        self._write_patiently(final, buffer.getvalue())
         return final
+
+    def _write_patiently(self, path: str, data: bytes) -> None:
+        """One whole object (it appears whole or not at all), tried again while the endpoint is unreachable."""
+        deadline, pause = time.monotonic() + self.write_patience, 1.0
+        while True:
+            try:
+                storage.write_bytes(self.fs, path, data)
+                return
+            except OSError as err:
+                if not unreachable(err) or time.monotonic() + pause > deadline:
+                    reason = explain_error(err, self.uri, self.access or S3Access())
+                    waited = f" (tried for {self.write_patience:.0f} s)" if unreachable(err) else ""
+                    raise ResultsWriteError(f"results: cannot write rows to {self.uri!r}{waited}: {reason}") from err
+                time.sleep(pause)
+                pause = min(2 * pause, 8.0)
 
     def read(self) -> ReadResult:
         """All rows of all readable files (schema-aligned); unreadable files are listed in `skipped`."""

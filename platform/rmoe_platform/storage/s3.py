@@ -122,12 +122,22 @@ def _profile_credentials(profile: str, env: Mapping[str, str], *, explicit: bool
     )
 
 
+_UNREACHABLE_MARKS = ("NETWORK_CONNECTION", "curlCode", "Could not connect")
+
+
+def unreachable(err: BaseException | str) -> bool:
+    """Whether a failed S3 call (or a failure's text, e.g. a Train worker's) says the endpoint could not be
+    reached: a transient condition (a restarting endpoint, a network cut), unlike a refusal."""
+    text = str(err)
+    return any(mark in text for mark in _UNREACHABLE_MARKS)
+
+
 def explain_error(err: Exception, uri: str, access: S3Access) -> str:
     """A user-facing reason for a failed S3 call: bad credentials, an unreachable endpoint, or as is."""
     text = str(err)
     if "ACCESS_DENIED" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
         return f"access to {uri!r} denied at {access.describe()}: check the credentials (AWS_ACCESS_KEY_ID, …)"
-    if "NETWORK_CONNECTION" in text or "curlCode" in text or "Could not connect" in text:
+    if unreachable(text):
         return (
             f"cannot reach the S3 endpoint {access.endpoint_url or 'of AWS'} for {uri!r} "
             f"after {access.max_attempts} attempt(s): {text.rsplit(':', 1)[-1].strip()}"
