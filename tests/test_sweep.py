@@ -1,6 +1,7 @@
 """Sweeps end to end on a real local Ray: a 2x2 grid to completion, ASHA stopping a poor trial, and a
-driver killed mid-way and resumed. The tests share one store and storage, so the smoke preset's dense
-core trains once for all of them (the stage cache), as it would for a user's successive sweeps."""
+driver stopped by Ctrl-C, then killed, and resumed each time. The tests share one store and storage, so
+the smoke preset's dense core trains once for all of them (the stage cache), as it would for a user's
+successive sweeps."""
 
 from __future__ import annotations
 
@@ -145,12 +146,39 @@ def _kill(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(workspace: Path) -> None:
+def _stop_after_trials(command: list[str], env: dict[str, str], workspace: Path, trials: int, how: str) -> str:
+    """Run the sweep until `trials` trials have their row, then stop its driver: Ctrl-C (SIGINT to the
+    driver's process group, as a terminal sends it) or a kill (SIGKILL, as when its pod is lost); returns
+    the driver's output."""
+    log_path = workspace / f"resume-{how}.log"
+    log = log_path.open("w")
+    driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    started: list[int] = []  # the driver's process tree, kept up to date: stopped whatever happens
+    try:
+        deadline = time.monotonic() + 420
+        while len(rows(workspace, row_type="pipeline", sweep_id="resume")) < trials:
+            started = descendants(driver.pid)
+            assert driver.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(1.0)
+        started = descendants(driver.pid)
+        if how == "ctrl-c":
+            os.killpg(driver.pid, signal.SIGINT)
+            assert driver.wait(timeout=60) == 130, log_path.read_text()[-3000:]
+    finally:
+        driver.kill()
+        driver.wait(timeout=60)
+        _kill(started)
+        log.close()
+    return log_path.read_text()
+
+
+def test_a_sweep_stopped_by_ctrl_c_or_killed_resumes_without_rerunning_finished_trials(workspace: Path) -> None:
     path = write_sweep(
         workspace,
         "resume",
         pipeline="rmoe_d",
-        space={"residual_budget": {"grid": [{"steps": 1}, {"steps": 2}]}},
+        space={"residual_budget": {"grid": [{"steps": 1}, {"steps": 2}, {"steps": 3}]}},
         scheduler={"type": "none"},
         max_concurrent_trials=1,
         # other experts than the 2x2 sweep's, so no trial finds its stage in the cache from that sweep
@@ -158,22 +186,17 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(workspace: Pat
     )
     command = [sys.executable, str(ROOT / "jobs" / "sweep.py"), "--config", str(path)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    log = (workspace / "resume-first.log").open("w")
-    driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 420
-        while not rows(workspace, row_type="pipeline", sweep_id="resume"):
-            assert driver.poll() is None, (workspace / "resume-first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no trial finished in time"
-            time.sleep(1.0)
-    finally:
-        started = descendants(driver.pid)
-        driver.kill()
-        driver.wait(timeout=60)
-        _kill(started)
-        log.close()
+
+    output = _stop_after_trials(command, env, workspace, 1, "ctrl-c")
+    lines = [line for line in output.splitlines() if line.startswith("interrupted (SIGINT)")]
+    assert len(lines) == 1 and f"{path} --resume`" in lines[0], output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    finished_first = {r["run_id"] for r in rows(workspace, row_type="pipeline", sweep_id="resume")}
+    assert len(finished_first) == 1, "stopped mid-way"
+
+    _stop_after_trials([*command, "--resume"], env, workspace, 2, "kill")
     finished_before = {r["run_id"] for r in rows(workspace, row_type="pipeline", sweep_id="resume")}
-    assert len(finished_before) == 1, "killed mid-way"
+    assert len(finished_before) == 2 and finished_first <= finished_before, "killed mid-way"
     stage_rows_before = {r["run_id"] for r in rows(workspace, row_type="stage", sweep_id="resume")}
 
     resumed = subprocess.run(
@@ -182,10 +205,10 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(workspace: Pat
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     trials = rows(workspace, row_type="pipeline", sweep_id="resume")
     assert Counter(r["run_id"] for r in trials) == Counter({r: 1 for r in {t["run_id"] for t in trials}})
-    assert len(trials) == 2 and all(r["status"] == "succeeded" for r in trials)
+    assert len(trials) == 3 and all(r["status"] == "succeeded" for r in trials)
     assert finished_before <= {r["run_id"] for r in trials}
     downstream = rows(workspace, row_type="stage", stage="rmoe_d/downstream", sweep_id="resume")
-    assert sorted(r["budget_steps"] for r in downstream) == [1, 2], "each trial's stage ran exactly once"
+    assert sorted(r["budget_steps"] for r in downstream) == [1, 2, 3], "each trial's stage ran exactly once"
     assert stage_rows_before <= {r["run_id"] for r in rows(workspace, row_type="stage", sweep_id="resume")}
     assert "Pareto-optimal settings" in resumed.stdout
 

@@ -6,7 +6,6 @@ before anything is written; the workers get one `WorkerPayload` and run `stage.w
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -15,7 +14,7 @@ from typing import Any
 
 import ray
 from ray.data import DataContext, ExecutionOptions
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 
@@ -24,6 +23,7 @@ from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.cost.devices import DEVICES, DeviceSpec
 from rmoe_platform.cost.ledger import StageLedger, pop_ledger
+from rmoe_platform.main_thread import off_the_main_thread
 from rmoe_platform.stage.data import stage_data
 from rmoe_platform.stage.payload import WorkerPayload
 from rmoe_platform.stage.prepare import prepare_stage
@@ -143,7 +143,7 @@ def run_stage(
         )
         fit_started_at = time.time()
         try:
-            result = fit_off_the_main_thread(trainer)
+            result = off_the_main_thread(trainer.fit, "stage-fit")
         except Exception as err:
             failure = data.failure()  # too many corrupt images: say so plainly
             if failure is None:
@@ -175,29 +175,6 @@ def run_stage(
         prepared.metric_name,
         prepared.head_reinitialized,
     )
-
-
-def fit_off_the_main_thread(trainer: TorchTrainer) -> Result:
-    """`trainer.fit()` in a thread of its own, the driver's main thread waiting for it.
-
-    On the main thread, Ray Train replaces the process's SIGINT handler with one that aborts the run
-    and returns, so Ctrl-C would end the stage as if it had failed and the job would go on. Off the main
-    thread (as in a Tune trial) it leaves signals to the job: the job's handler interrupts the wait, and
-    the job stops as a whole (`cli.interrupts`)."""
-    outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as err:  # handed to the waiting thread
-            outcome["error"] = err
-
-    thread = threading.Thread(target=fit, name="stage-fit", daemon=True)  # daemon: an interrupted job exits
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
 
 
 def _check_cpus_left_for_ingest(config: StageConfig) -> None:

@@ -16,6 +16,7 @@ from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from rmoe_platform import storage
 from rmoe_platform.config.fields import ConfigError
+from rmoe_platform.main_thread import off_the_main_thread
 from rmoe_platform.pipelines.graph import plan_pipelines
 from rmoe_platform.pipelines.outcomes import SweepTrial
 from rmoe_platform.pipelines.runner import ExperimentRunner
@@ -77,7 +78,7 @@ class SweepDriver:
         if not self.resume:
             self._write_state(plan.sweep_id)
         tuner = self._tuner(plan, concurrency)
-        tuner.fit()
+        off_the_main_thread(tuner.fit, "sweep-fit")  # Ctrl-C stops the job (cli.interrupts), not just Tune
         rows = trial_rows(self.store.read().table.to_pylist(), plan.sweep_id)
         budget = plan.space.budget_param()
         table = format_tables(rows, self.sweep.cost, self.sweep.experiment.metric_name, budget and budget.name)
