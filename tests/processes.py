@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def descendants(pid: int) -> list[int]:
@@ -43,3 +47,21 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+class StartupFailedError(RuntimeError):
+    """A server died while starting (its log's tail in the message): perhaps a port picked free was taken."""
+
+
+def start_retrying(start: Callable[[], T], attempts: int = 3) -> T:
+    """`start()` picks free ports and starts a server on them, raising `StartupFailedError` if the server
+    dies before it is ready (and stopping what it started). A port picked free can be bound by another
+    process before the server binds it, so a failed start is tried again on fresh ports; the last failure
+    is raised with its log's tail."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return start()
+        except StartupFailedError as failure:
+            if attempt == attempts:
+                raise StartupFailedError(f"{failure} (start-up tried {attempts} times on fresh ports)") from None
+    raise AssertionError("unreachable")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from processes import free_ports
+from processes import StartupFailedError, free_ports, start_retrying
 
 from rmoe_platform.cluster import SINGLE_MACHINE_ENV
 from rmoe_platform.results import ResultsStore
@@ -33,55 +34,71 @@ def ray_head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    gcs, dash, agent, agent_grpc, runtime_env, metrics, node_mgr, obj_mgr, client = free_ports(9)
     log = tmp_path_factory.mktemp("ray-head") / "head.log"  # kept: its tail says why a head died
-    out = log.open("w")
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={gcs}",
-            f"--dashboard-port={dash}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-agent-listen-port={agent}",
-            f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--runtime-env-agent-port={runtime_env}",
-            f"--metrics-export-port={metrics}",
-            f"--node-manager-port={node_mgr}",
-            f"--object-manager-port={obj_mgr}",
-            f"--ray-client-server-port={client}",
-            "--num-cpus=4",
-            f"--temp-dir={temp}",
-            "--include-dashboard=true",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash}"
-    try:
+
+    def start() -> tuple[subprocess.Popen, str]:
+        gcs, dash, agent, agent_grpc, runtime_env, metrics, node_mgr, obj_mgr, client = free_ports(9)
+        with log.open("a") as out:
+            head = subprocess.Popen(
+                [
+                    str(BIN / "ray"),
+                    "start",
+                    "--head",
+                    "--block",
+                    "--node-ip-address=127.0.0.1",
+                    f"--port={gcs}",
+                    f"--dashboard-port={dash}",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-agent-listen-port={agent}",
+                    f"--dashboard-agent-grpc-port={agent_grpc}",
+                    f"--runtime-env-agent-port={runtime_env}",
+                    f"--metrics-export-port={metrics}",
+                    f"--node-manager-port={node_mgr}",
+                    f"--object-manager-port={obj_mgr}",
+                    f"--ray-client-server-port={client}",
+                    "--num-cpus=4",
+                    f"--temp-dir={temp}",
+                    "--include-dashboard=true",
+                    "--disable-usage-stats",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        address = f"http://127.0.0.1:{dash}"
         deadline = time.monotonic() + 180
         while subprocess.run(
             [str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True
         ).returncode:
-            assert head.poll() is None, f"the Ray head exited during start-up:\n{tail(log)}"
-            assert time.monotonic() < deadline, f"the Ray head's job server never became ready:\n{tail(log)}"
+            if head.poll() is not None:
+                _stop(head)
+                raise StartupFailedError(f"the Ray head exited during start-up:\n{tail(log)}")
+            if time.monotonic() > deadline:
+                _stop(head)
+                raise AssertionError(f"the Ray head's job server never became ready:\n{tail(log)}")
             time.sleep(2)
-        yield address, env
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        return head, address
+
+    try:
+        head, address = start_retrying(start)
         try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        out.close()
+            yield address, env
+        finally:
+            _stop(head)
+    finally:
         subprocess.run(["rm", "-rf", str(temp)], check=False)
+
+
+def _stop(head: subprocess.Popen) -> None:
+    """The head and everything it started (its own process group)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
 
 
 def tail(log: Path, lines: int = 40) -> str:

@@ -16,11 +16,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from processes import free_ports
+from processes import StartupFailedError, free_ports, start_retrying
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -32,7 +32,7 @@ class Node:
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
-        with log.open("w") as out:
+        with log.open("a") as out:  # a start tried again on other ports appends: every attempt is kept
             self.process = subprocess.Popen(
                 [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
                 env=env,
@@ -67,7 +67,8 @@ def wait_for_nodes(address: str, env: dict[str, str], nodes: list[Node], count: 
     deadline = time.monotonic() + 180
     while True:
         for node in nodes:
-            assert node.process.poll() is None, f"a Ray node exited during start-up:\n{node.tail()}"
+            if node.process.poll() is not None:
+                raise StartupFailedError(f"a Ray node exited during start-up:\n{node.tail()}")
         out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
         if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
             return
@@ -86,11 +87,24 @@ def two_nodes(tmp_path_factory) -> Iterator[tuple[str, dict[str, str], list[Node
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    gcs, dashboard, client = free_ports(3)
-    address = f"{HEAD_IP}:{gcs}"
     nodes: list[Node] = []
-    try:
-        head_args = [
+    address = ""  # the head's, once it is up
+
+    def start_node(args: Callable[[], list[str]], log: Path, count: int) -> None:
+        """One more node on freshly picked ports, up once the cluster counts `count` nodes."""
+        node = Node(args(), env, log)
+        try:
+            wait_for_nodes(address, env, [*nodes, node], count)
+        except StartupFailedError:
+            node.stop()
+            raise
+        nodes.append(node)
+
+    def head_args() -> list[str]:
+        nonlocal address
+        gcs, dashboard, client = free_ports(3)
+        address = f"{HEAD_IP}:{gcs}"
+        return [
             "--head",
             f"--node-ip-address={HEAD_IP}",
             f"--port={gcs}",
@@ -103,9 +117,9 @@ def two_nodes(tmp_path_factory) -> Iterator[tuple[str, dict[str, str], list[Node
             f"--temp-dir={temp}/head",
             *node_ports(),
         ]
-        nodes.append(Node(head_args, env, logs / "head.log"))
-        wait_for_nodes(address, env, nodes, 1)
-        worker_args = [
+
+    def worker_args() -> list[str]:
+        return [
             f"--address={address}",
             f"--node-ip-address={WORKER_IP}",
             "--num-cpus=2",
@@ -113,8 +127,10 @@ def two_nodes(tmp_path_factory) -> Iterator[tuple[str, dict[str, str], list[Node
             f"--temp-dir={temp}/worker",
             *node_ports(),
         ]
-        nodes.append(Node(worker_args, env, logs / "worker.log"))
-        wait_for_nodes(address, env, nodes, 2)
+
+    try:
+        start_retrying(lambda: start_node(head_args, logs / "head.log", 1))
+        start_retrying(lambda: start_node(worker_args, logs / "worker.log", 2))
         yield address, env, nodes
     finally:
         for node in reversed(nodes):
