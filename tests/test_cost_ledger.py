@@ -71,5 +71,8 @@ def test_ledger_adds_up_and_the_compared_cost_is_compute_only(ray_local, tmp_pat
         assert result.cost.device_model == "cpu"
     ratio = long.cost.ledger.train / short.cost.ledger.train
     assert 1.5 <= ratio <= 3.0, (short.cost.ledger.parts(), long.cost.ledger.parts())
+    # Overhead that scaled with the steps would double here. The check is one-sided: the first run in a
+    # session also pays cold starts (worker imports, the first dataset read), measured in CI at twice the
+    # second run's overhead, which says nothing about scaling with the steps.
     overheads = short.cost.ledger.overhead_seconds, long.cost.ledger.overhead_seconds
-    assert abs(overheads[1] - overheads[0]) <= 0.35 * max(overheads) + 1.0, overheads
+    assert overheads[1] - overheads[0] <= 0.5 * overheads[0] + 2.0, overheads
