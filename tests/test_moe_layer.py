@@ -165,6 +165,30 @@ def test_alignment_forward_is_mean_of_experts_and_gate_gradient_is_expert_output
     torch.testing.assert_close(gate_grad, experts_out.sum(-1))
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("alignment", [True, False])
+def test_the_fused_combine_equals_its_definition_in_value_and_gradients(top_k: int, alignment: bool) -> None:
+    """The one-pass combine against the formula it replaces: y = Σ G·E, plus SG((1/k − G)·E) when aligned."""
+    from rmoe.moe import combine_slots
+
+    g = torch.Generator().manual_seed(3)
+    y_TKO = torch.randn(T, top_k, D, dtype=torch.float64, generator=g, requires_grad=True)
+    gates_TK = torch.rand(T, top_k, dtype=torch.float64, generator=g, requires_grad=True)
+    weights = gates_TK.unsqueeze(-1)
+    reference = (weights * y_TKO).sum(1)
+    if alignment:
+        reference = reference + ((1.0 / top_k - weights) * y_TKO).sum(1).detach()
+    fused = combine_slots(y_TKO, gates_TK, alignment)
+    torch.testing.assert_close(fused, reference)
+    upstream = torch.randn(T, D, dtype=torch.float64, generator=g)
+    expected = torch.autograd.grad(reference, (y_TKO, gates_TK), upstream)
+    got = torch.autograd.grad(fused, (y_TKO, gates_TK), upstream)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
+    if not alignment:  # the aligned form's gradients are by design not those of its value
+        assert torch.autograd.gradcheck(lambda y, w: combine_slots(y, w, False), (y_TKO[:4], gates_TK[:4]))
+
+
 def test_dropped_tokens_output_zero_and_are_counted() -> None:
     layer = make_layer(1, 0.25, residual=False)
     x = torch.randn(T, D)

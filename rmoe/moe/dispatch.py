@@ -79,5 +79,7 @@ class LocalDispatcher(TokenDispatcher):
     def combine(self, y_NO: torch.Tensor, state: object) -> torch.Tensor:
         assert isinstance(state, LocalDispatchState)
         T, K = state.num_tokens, state.top_k
-        y_TKO = y_NO.new_zeros(T * K, y_NO.shape[-1]).index_copy(0, state.slot_order_N, y_NO)
+        every_slot = y_NO.shape[0] == T * K  # nothing dropped: the rows fill every slot, no zeros needed
+        base = y_NO.new_empty if every_slot else y_NO.new_zeros
+        y_TKO = base(T * K, y_NO.shape[-1]).index_copy(0, state.slot_order_N, y_NO)
         return y_TKO.view(T, K, y_NO.shape[-1])

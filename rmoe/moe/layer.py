@@ -27,12 +27,33 @@ def combine_slots(y_TKO: torch.Tensor, gates_TK: torch.Tensor, alignment: bool) 
     gradients are those of gate weighting. For k = 1 this is exactly the paper's SG((1 − G)·E) + G·E.
     Dropped slots arrive as zeros with zero gates and contribute nothing.
     """
-    w_TK1 = gates_TK.unsqueeze(-1).to(y_TKO.dtype)
-    gated_TO = (w_TK1 * y_TKO).sum(1)
-    if not alignment:
-        return gated_TO
-    target = 1.0 / y_TKO.shape[1]
-    return gated_TO + ((target - w_TK1) * y_TKO).sum(1).detach()
+    return _GatedCombine.apply(y_TKO, gates_TK, alignment)
+
+
+class _GatedCombine(torch.autograd.Function):
+    """`combine_slots` in one pass each way. Both forms share their gradients (∂y/∂Eᵢ = Gᵢ, ∂y/∂Gᵢ = Eᵢ);
+    only the forward value differs, so the aligned form's value is computed directly (the mean over
+    slots) instead of as the gated sum plus a detached correction: four fewer passes over [T, O] forward.
+    Elementwise products, not batched GEMMs, so that FLOP counts (GEMMs only) stay those of `rmoe.cost`."""
+
+    @staticmethod
+    def forward(ctx: Any, y_TKO: torch.Tensor, gates_TK: torch.Tensor, alignment: bool) -> torch.Tensor:
+        w_TK = gates_TK.to(y_TKO.dtype)
+        ctx.save_for_backward(y_TKO, w_TK)
+        ctx.gates_dtype = gates_TK.dtype
+        if alignment:
+            return y_TKO.sum(1) if y_TKO.shape[1] == 1 else y_TKO.mean(1)
+        return (w_TK.unsqueeze(-1) * y_TKO).sum(1)
+
+    @staticmethod
+    def backward(ctx: Any, grad_TO: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        y_TKO, w_TK = ctx.saved_tensors
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_y = w_TK.unsqueeze(-1) * grad_TO.unsqueeze(1)
+        if ctx.needs_input_grad[1]:
+            grad_w = (y_TKO * grad_TO.unsqueeze(1)).sum(-1).to(ctx.gates_dtype)
+        return grad_y, grad_w, None
 
 
 class MoEMlp(nn.Module):
