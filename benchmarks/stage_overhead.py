@@ -7,6 +7,10 @@ process group, dataset split), setup (build or restore the model), ingest_start 
 first batch), checkpoint, teardown (final report → fit returned), then overhead ÷ wall time. Stages are
 trained, not read from a cache: the results store and checkpoints are fresh.
 
+Then, on the same Ray, it fits a `TorchTrainer` whose train function does nothing, and prints that fit's
+start and teardown beside the stages': the floor Ray Train itself sets for a stage that starts its own
+worker group (controller, placement group, worker actors, process group), which no stage can go under.
+
     python benchmarks/stage_overhead.py                                       # demo preset, ~10 min
     python benchmarks/stage_overhead.py --config configs/smoke.yaml           # every pipeline, ~2 min
     python benchmarks/stage_overhead.py --pipelines dense,rmoe_d --set upstream.budget.epochs=1
@@ -65,6 +69,49 @@ def print_table(table: list[dict[str, float | str]]) -> None:
     )
 
 
+def _enter(config: dict[str, str]) -> None:
+    """The empty train function: only note when it was entered (the file lies on this machine: local Ray)."""
+    Path(config["entered"]).write_text(repr(time.time()))
+
+
+def empty_fit_floor(tmp: Path, repeats: int = 2) -> list[tuple[float, float]]:
+    """(start, teardown) seconds of `repeats` fits of an empty train function on one 1-CPU worker: fit called →
+    function entered, and function entered → fit returned."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    floors = []
+    for attempt in range(repeats):
+        entered = tmp / f"entered-{attempt}"
+        trainer = TorchTrainer(
+            _enter,
+            train_loop_config={"entered": str(entered)},
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name=f"empty-{attempt}", storage_path=str(tmp / "empty-fits")),
+        )
+        started = time.time()
+        trainer.fit()
+        ended = time.time()
+        entered_at = float(entered.read_text())
+        floors.append((entered_at - started, ended - entered_at))
+    return floors
+
+
+def print_floor(floors: list[tuple[float, float]], table: list[dict[str, float | str]]) -> None:
+    starts, teardowns = [f[0] for f in floors], [f[1] for f in floors]
+    floor = statistics.median(starts) + statistics.median(teardowns)
+    print(
+        f"Ray Train's floor (an empty train function, {len(floors)} fits on this Ray): start "
+        + ", ".join(f"{s:.1f}" for s in starts)
+        + " s; teardown "
+        + ", ".join(f"{t:.1f}" for t in teardowns)
+        + f" s; median start + teardown {floor:.1f} s"
+    )
+    if table:
+        above = [float(e["overhead"]) - floor for e in table]
+        print(f"stage overhead above that floor: median {statistics.median(above):.1f} s, max {max(above):.1f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
@@ -84,8 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.perf_counter() - started
         rows = [r for r in ResultsStore(results).rows(row_type="stage") if r["ledger"] and not r["cached"]]
         print(f"\n== stage overhead ({args.config.name}; the whole run took {elapsed:.0f} s) ==")
-        if rows:
-            print_table(stage_table(rows))
+        table = stage_table(rows) if rows else []
+        if table:
+            print_table(table)
+        import ray
+
+        if ray.is_initialized():  # the run's own Ray, still up
+            print_floor(empty_fit_floor(Path(tmp)), table)
     return status
 
 
