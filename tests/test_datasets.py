@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -88,6 +89,33 @@ def test_generation_is_deterministic_and_targets_are_exact() -> None:
     assert make_example(r, "train", 0)["image"] != make_example(r, "val", 0)["image"]
     seg = make_example(recipe("segmentation"), "train", 3)["_targets"]["mask"]
     assert set(np.unique(seg)) <= set(range(11)) and (seg > 0).any()
+
+
+def test_contexts_relabel_the_shapes_by_a_fixed_permutation_each() -> None:
+    """Scenes with contexts: the label is the context's permutation of the shape, the background sits in
+    the context's brightness band, and one context (recipe.contexts == 1) is the plain shape task."""
+    r = recipe("classification", num_classes=6, contexts=4, noise=0.0, distractors=0)
+    table = r.context_labels
+    assert table.shape == (4, 6) and (table[0] == np.arange(6)).all()
+    assert all(sorted(row) == list(range(6)) for row in table) and len({tuple(row) for row in table}) == 4
+    np.testing.assert_array_equal(table, dataclasses.replace(r).context_labels)  # a function of the recipe
+    plain = recipe("classification", num_classes=6, noise=0.0, distractors=0)
+    seen = set()
+    for index in range(60):
+        stream = np.random.default_rng([r.seed, 0, index])  # the example's draws: background, shape, context
+        _ = stream.uniform(0.2, 0.8, 3), stream.uniform(-0.25, 0.25, (2, 3)), stream.uniform(0, np.pi, 2)
+        shape, context = int(stream.integers(6)), int(stream.integers(4))
+        example = make_example(r, "train", index)
+        assert example["label"] == table[context, shape]
+        assert make_example(plain, "train", index)["label"] == shape
+        corners = example["_pixels"][[0, 0, -1, -1], [0, -1, 0, -1]].astype(float) / 255
+        assert abs(np.median(corners) - (0.1 + 0.2 * context + 0.1)) < 0.3  # the context's band, its texture aside
+        seen.add((context, shape))
+    assert len(seen) > 12
+    with pytest.raises(ValueError, match="contexts: only classification"):
+        recipe("segmentation", contexts=2)
+    with pytest.raises(ValueError, match=r"contexts must be in \[1, 8\]"):
+        recipe("classification", contexts=9)
 
 
 def test_joint_transforms_keep_targets_on_the_pixels() -> None:

@@ -40,6 +40,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--class-offset", type=int, default=0, help="first shape used as a class (another label set)")
     gen.add_argument("--max-objects", type=int, default=4, help="objects per scene (segmentation/detection)")
     gen.add_argument("--noise", type=float, default=0.08)
+    gen.add_argument(
+        "--contexts", type=int, default=1, help="classification: background contexts that each relabel the shapes"
+    )
     gen.add_argument("--seed", type=int, default=0)
     _common(gen)
 
@@ -100,6 +103,7 @@ def _recipe(args: argparse.Namespace) -> SceneRecipe:
         class_offset=args.class_offset,
         max_objects=args.max_objects,
         noise=args.noise,
+        contexts=args.contexts,
         seed=args.seed,
         shard_rows=args.shard_rows,
     )

@@ -12,6 +12,7 @@ import colorsys
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -43,6 +44,8 @@ SHAPES: dict[str, Shape] = {
 }
 SHAPE_NAMES = tuple(SHAPES)
 SPLIT_SALT = {"train": 0, "val": 1}
+CONTEXT_SALT = 99  # seeds the per-context label permutations, apart from every example's own stream
+MAX_CONTEXTS = 8  # background brightness levels that stay apart under the generator's colour jitter
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,13 @@ class SceneRecipe:
     """A procedural dataset. `class_offset` picks which shapes are the classes (another label set for
     a downstream task); `distractors`: up to that many small blobs beside a classification scene's
     shape; `noise` is the pixel noise std (0..1 scale); sizes range from tiny test sets to tens of
-    thousands of images."""
+    thousands of images.
+
+    `contexts` > 1 (classification) makes the label depend on the scene's context as well as on its
+    shape: each scene gets one of `contexts` background brightness levels, and each level relabels the
+    shapes by its own fixed permutation (level 0 keeps them). Every token sees the context, so a router
+    can send each context to its own experts, while a dense MLP must hold every (context, shape)
+    pairing at once: a task whose difficulty is MLP capacity, not only optimisation (issue 20)."""
 
     task: Literal["classification", "segmentation", "detection"] = "classification"
     num_train: int = 2048
@@ -61,6 +70,7 @@ class SceneRecipe:
     max_objects: int = 4
     distractors: int = 2
     noise: float = 0.08
+    contexts: int = 1
     seed: int = 0
     shard_rows: int = 512
 
@@ -75,6 +85,11 @@ class SceneRecipe:
         check(self.max_objects >= 1, f"max_objects must be >= 1, got {self.max_objects}")
         check(self.distractors >= 0, f"distractors must be >= 0, got {self.distractors}")
         check(0 <= self.noise <= 1, f"noise must be in [0, 1], got {self.noise}")
+        check(1 <= self.contexts <= MAX_CONTEXTS, f"contexts must be in [1, {MAX_CONTEXTS}], got {self.contexts}")
+        check(
+            self.contexts == 1 or self.task == "classification",
+            f"contexts: only classification scenes have contexts, got task {self.task!r}",
+        )
         check(self.shard_rows >= 1, f"shard_rows must be >= 1, got {self.shard_rows}")
 
     @property
@@ -85,6 +100,14 @@ class SceneRecipe:
     def classes(self) -> tuple[str, ...]:
         """Detection/classification: the shapes; segmentation: 'background' (id 0) then the shapes."""
         return ("background", *self.shapes) if self.task == "segmentation" else self.shapes
+
+    @cached_property
+    def context_labels(self) -> np.ndarray:
+        """[contexts, num_classes]: the label of shape `k` (of this recipe's classes) in context `c`."""
+        table = [np.arange(self.num_classes)]
+        for context in range(1, self.contexts):
+            table.append(np.random.default_rng([self.seed, CONTEXT_SALT, context]).permutation(self.num_classes))
+        return np.stack(table)
 
     def plan(self, name: str) -> DatasetPlan:
         return DatasetPlan(
@@ -107,12 +130,17 @@ def make_example(recipe: SceneRecipe, split: str, index: int) -> dict[str, Any]:
     size = recipe.img_size
     image = _background(rng, size)
     if recipe.task == "classification":
-        label = int(rng.integers(recipe.num_classes))
+        shape = int(rng.integers(recipe.num_classes))
+        label = shape
+        if recipe.contexts > 1:
+            context = int(rng.integers(recipe.contexts))
+            image = _context_background(image, context, recipe.contexts, rng)
+            label = int(recipe.context_labels[context, shape])
         for _ in range(int(rng.integers(0, recipe.distractors + 1))):  # small distractor blobs
             _paint(image, _object_mask(rng, "circle", size, scale=(0.06, 0.12)), rng)
-        shape_index = recipe.class_offset + label
-        mask = _object_mask(rng, recipe.shapes[label], size, scale=(0.22, 0.42))
-        _paint(image, mask, rng, hue=shape_index / len(SHAPES))  # a hue band per class: learnable in minutes
+        shape_index = recipe.class_offset + shape
+        mask = _object_mask(rng, recipe.shapes[shape], size, scale=(0.22, 0.42))
+        _paint(image, mask, rng, hue=shape_index / len(SHAPES))  # a hue band per shape: learnable in minutes
         row: dict[str, Any] = {"label": label, "_targets": {"label": label}}
     else:
         row = _multi_object(recipe, rng, image)
@@ -163,6 +191,14 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     angle, freq = rng.uniform(0, np.pi), rng.uniform(2, 6)
     stripes = 0.06 * np.sin(2 * np.pi * freq * (x * np.cos(angle) + y * np.sin(angle)))
     return base + x[..., None] * slope[0] + y[..., None] * slope[1] + stripes[..., None]
+
+
+def _context_background(image: np.ndarray, context: int, contexts: int, rng: np.random.Generator) -> np.ndarray:
+    """The background moved to context `context`'s brightness level (its texture kept): levels split
+    [0.1, 0.9] into `contexts` bands, each channel's mean drawn inside the band."""
+    width = 0.8 / contexts
+    low = 0.1 + width * context
+    return image - image.mean((0, 1)) + rng.uniform(low, low + width, 3)
 
 
 def _object_mask(rng: np.random.Generator, shape: str, size: int, scale: tuple[float, float]) -> np.ndarray:
