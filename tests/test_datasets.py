@@ -112,6 +112,9 @@ def test_contexts_relabel_the_shapes_by_a_fixed_permutation_each() -> None:
         assert abs(np.median(corners) - (0.1 + 0.2 * context + 0.1)) < 0.3  # the context's band, its texture aside
         seen.add((context, shape))
     assert len(seen) > 12
+    # recorded in cards only where it changes the data: datasets written before the field still match
+    assert "contexts" not in plain.to_dict() and r.to_dict()["contexts"] == 4
+    assert r.plan("x").source["recipe"] == r.to_dict()
     with pytest.raises(ValueError, match="contexts: only classification"):
         recipe("segmentation", contexts=2)
     with pytest.raises(ValueError, match=r"contexts must be in \[1, 8\]"):

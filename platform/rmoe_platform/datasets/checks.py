@@ -3,7 +3,6 @@ and valid, or generatable from its recipe where it should be), and generate it o
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from rmoe_platform import storage
@@ -72,7 +71,7 @@ def _check_recipe(spec: DataSpec, card: DatasetCard, field: str) -> None:
     if spec.generate is None:
         return
     recipe = card.source.get("recipe")
-    wanted = dataclasses.asdict(spec.generate)
+    wanted = spec.generate.to_dict()
     if recipe != wanted:
         differs = sorted(k for k in wanted if (recipe or {}).get(k) != wanted[k])
         raise ConfigError(

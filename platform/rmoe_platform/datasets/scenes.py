@@ -46,6 +46,10 @@ SHAPE_NAMES = tuple(SHAPES)
 SPLIT_SALT = {"train": 0, "val": 1}
 CONTEXT_SALT = 99  # seeds the per-context label permutations, apart from every example's own stream
 MAX_CONTEXTS = 8  # background brightness levels that stay apart under the generator's colour jitter
+# Fields added after datasets were first written, with the value that reproduces the data written before
+# them: a recipe at that value is recorded without the field, so existing datasets' recorded recipes still
+# match and the stage hashes (rmoe_platform.pipelines.graph) stay put.
+NEUTRAL_RECIPE_FIELDS: dict[str, Any] = {"contexts": 1}
 
 
 @dataclass(frozen=True)
@@ -109,13 +113,17 @@ class SceneRecipe:
             table.append(np.random.default_rng([self.seed, CONTEXT_SALT, context]).permutation(self.num_classes))
         return np.stack(table)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as recorded in a dataset's card (later fields at their neutral value left out)."""
+        return {k: v for k, v in asdict(self).items() if NEUTRAL_RECIPE_FIELDS.get(k, object()) != v}
+
     def plan(self, name: str) -> DatasetPlan:
         return DatasetPlan(
             name=name,
             task=self.task,
             classes=self.classes,
             split_rows={"train": self.num_train, "val": self.num_val},
-            source={"kind": "generate", "recipe": asdict(self)},
+            source={"kind": "generate", "recipe": self.to_dict()},
             shard_rows=self.shard_rows,
         )
 

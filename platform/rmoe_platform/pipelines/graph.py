@@ -25,6 +25,7 @@ from rmoe import MoEConfig
 from rmoe_platform.config.experiment import ExperimentConfig, PhaseConfig
 from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.config.stage import BudgetConfig, DataSpec, ModelConfig, StageConfig
+from rmoe_platform.datasets.scenes import NEUTRAL_RECIPE_FIELDS
 from rmoe_platform.names import METRIC_NAMES, PIPELINES
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ _NEUTRAL_ADDITIONS: dict[tuple[str, ...], Any] = {
     ("optim", "milestones"): (),
     ("optim", "gamma"): 0.1,
     ("optim", "warmup_start_factor"): None,
+    **{("data", "generate", name): neutral for name, neutral in NEUTRAL_RECIPE_FIELDS.items()},
 }
 
 
@@ -96,8 +98,8 @@ def stage_hash(config: StageConfig, parent_hash: str | None, ignore: Collection[
     for (*parents, name), neutral in _NEUTRAL_ADDITIONS.items():
         owner = data
         for parent in parents:
-            owner = owner[parent]
-        if owner[name] == neutral:
+            owner = owner.get(parent) if isinstance(owner, dict) else None
+        if isinstance(owner, dict) and name in owner and owner[name] == neutral:
             del owner[name]
     payload = json.dumps({"stage": data, "parent": parent_hash}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
