@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 import torch
-from ray.train import DataConfig, RunConfig, ScalingConfig
+from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from rmoe_platform.cluster import start_local
@@ -32,6 +32,7 @@ from rmoe_platform.datasets import AugmentSpec, SceneRecipe, write_dataset
 from rmoe_platform.datasets import transforms as T
 from rmoe_platform.datasets.codec import decode_image
 from rmoe_platform.datasets.ingest import DecodeSpec, create_ledger, open_dataset, read_split
+from rmoe_platform.stage.data import ingest_config
 from rmoe_platform.storage.local_s3 import LocalS3
 from rmoe_platform.tasks.normalizer import Normalizer
 
@@ -90,7 +91,7 @@ def ray_data_rate(uri: str, access, size: int, batch: int, storage: str) -> tupl
         scaling_config=ScalingConfig(num_workers=1),
         run_config=RunConfig(storage_path=storage),
         datasets={"train": dataset},
-        dataset_config=DataConfig(),
+        dataset_config=ingest_config(1),  # as a 1-worker stage reads its data
     )
     try:
         trainer.fit()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from rmoe_platform import cluster
+
 PROBE = textwrap.dedent(
     r"""
     import json, os, re, sys
@@ -38,8 +40,13 @@ PROBE = textwrap.dedent(
         def argv(self):
             return ray.util.get_node_ip_address(), sys.argv
 
+        def env(self):
+            return {name: os.environ.get(name) for name in [*cluster.TRAIN_CONTROLLER_ENV, "PROBE"]}
+
     task_ip, task_args = ray.get(task_argv.remote())
     actor_ip, actor_args = ray.get(Actor.remote().argv.remote())
+    # created as Ray Train creates its controller: env vars of its own, merged with the job's
+    controller_env = ray.get(Actor.options(runtime_env={"env_vars": {"PROBE": "1"}}).remote().env.remote())
     processes = {}
     for pid in descendants(os.getpid()):
         args = cmdline(pid)
@@ -55,7 +62,7 @@ PROBE = textwrap.dedent(
         "nodes": [n["NodeManagerAddress"] for n in ray.nodes()],
     }
     ray.shutdown()
-    print(json.dumps({"processes": processes, "reported": reported}))
+    print(json.dumps({"processes": processes, "reported": reported, "controller_env": controller_env}))
     """
 )
 
@@ -79,3 +86,5 @@ def test_every_local_ray_process_runs_on_loopback(how: str) -> None:
     not_loopback = {name: ips for name, ips in processes.items() if set(ips) - {"127.0.0.1"}}
     assert not_loopback == {}, f"processes with another address: {not_loopback}"
     assert reported == {"task": "127.0.0.1", "actor": "127.0.0.1", "driver": "127.0.0.1", "nodes": ["127.0.0.1"]}
+    # Ray Train's controller polls at the interval set for the job (the stages' teardown depends on it)
+    assert seen["controller_env"] == {**cluster.TRAIN_CONTROLLER_ENV, "PROBE": "1"}

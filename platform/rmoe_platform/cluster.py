@@ -23,6 +23,11 @@ from typing import Any
 LOOPBACK = "127.0.0.1"
 # The environment of a `ray start --head --node-ip-address=127.0.0.1` that keeps every process on loopback.
 SINGLE_MACHINE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Ray Train's controller polls its workers every 2 s by default and needs several polls to take a stage's final
+# checkpoint report and see the workers finish: measured 5.0 s from the final report to `fit` returning at 2 s,
+# 1.0-2.0 s at 0.5 s (an empty train function reporting a 1 MiB checkpoint). A poll is one small RPC per
+# worker. Ray reads it in the controller's process, so it travels in the job's runtime environment.
+TRAIN_CONTROLLER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 @contextmanager
@@ -52,6 +57,7 @@ def start_local(
     """
     import ray
 
+    runtime_env = _with_controller_env(runtime_env)
     with _single_machine_mode():
         return ray.init(
             num_cpus=num_cpus,
@@ -77,11 +83,18 @@ def connect() -> None:
     # Directories, not module objects: a submitted job's runtime env is deep-copied when merged.
     modules = [str(Path(module.__file__).parent) for module in (rmoe, rmoe_platform)]
     if "RAY_ADDRESS" in os.environ:
-        ray.init(runtime_env={"py_modules": modules}, log_to_driver=False)
+        ray.init(runtime_env=_with_controller_env({"py_modules": modules}), log_to_driver=False)
         return
     # Twice the cores as logical CPUs: Train workers mostly wait on the data, and the Ray Data decode
     # tasks need CPUs of their own (with one CPU per worker and no CPU left, ingest would stall).
     start_local(2 * (os.cpu_count() or 1), runtime_env={"py_modules": modules})
+
+
+def _with_controller_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
+    """The job's runtime environment with `TRAIN_CONTROLLER_ENV` added (the caller's own variables win)."""
+    runtime_env = dict(runtime_env or {})
+    runtime_env["env_vars"] = {**TRAIN_CONTROLLER_ENV, **runtime_env.get("env_vars", {})}
+    return runtime_env
 
 
 def disconnect() -> None:

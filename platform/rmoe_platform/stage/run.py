@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.data import DataContext, ExecutionOptions
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 
@@ -24,7 +23,7 @@ from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.cost.devices import DEVICES, DeviceSpec
 from rmoe_platform.cost.ledger import StageLedger, pop_ledger
 from rmoe_platform.main_thread import off_the_main_thread
-from rmoe_platform.stage.data import stage_data
+from rmoe_platform.stage.data import ingest_config, stage_data
 from rmoe_platform.stage.payload import WorkerPayload
 from rmoe_platform.stage.prepare import prepare_stage
 from rmoe_platform.stage.worker.checkpoints import STATE_FILE
@@ -139,7 +138,7 @@ def run_stage(
             scaling_config=config.scaling.ray_scaling_config(),
             run_config=_run_config(config, run_name, access, callbacks or []),
             datasets=data.datasets,
-            dataset_config=_ingest_config(),
+            dataset_config=ingest_config(config.scaling.num_workers),
         )
         fit_started_at = time.time()
         try:
@@ -201,12 +200,6 @@ def _run_config(config: StageConfig, run_name: str, access: S3Access, callbacks:
         failure_config=FailureConfig(max_failures=config.max_failures),
         callbacks=callbacks,
     )
-
-
-def _ingest_config() -> DataConfig:
-    """Stream order preserved, so the seeded shuffle gives the same order on every run."""
-    limits = DataContext.get_current().execution_options.resource_limits
-    return DataConfig(execution_options=ExecutionOptions(preserve_order=True, resource_limits=limits))
 
 
 def _checkpoint_uri(storage_root: str, path: str) -> str:
