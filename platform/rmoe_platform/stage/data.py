@@ -50,15 +50,16 @@ def stage_data(opened: OpenDataset, task: str, spec: DataSpec, img_size: int, se
     )
 
 
-def ingest_config(num_workers: int) -> DataConfig:
-    """Stream order preserved, so the seeded shuffle gives the same order on every run.
+def ingest_config() -> DataConfig:
+    """Every dataset goes through Ray Data's streaming split, one worker or several; stream order preserved, so
+    the seeded shuffle gives the same order on every run.
 
-    A single worker reads its datasets whole, unsplit, the executor in its own process: a streaming split
-    puts a coordinator actor (a fresh process) between each dataset and its lone reader. Measured on the smoke
-    preset (`benchmarks/stage_overhead.py`, warm stages): the wait for an epoch's first batch 2.1-2.5 s split,
-    0.2-0.3 s unsplit; a 32-image validation 2.3-3.0 s split, 0.1-0.2 s unsplit. Same rows in the same order,
-    and epochs still count executions (`ingest.execution_epoch`) either way.
+    Why split even for one worker (measured, do not undo without measuring training): unsplit, the split's
+    coordinator actor goes, and with it ~2 s of each epoch's first batch and of each validation, but the
+    streaming executor then runs inside the training process and slows the steps: the demo's 288-step upstream
+    stages trained in 34.1 s (dense) and 71.0 s (MoE) unsplit against 25.7 s and 36.4 s split
+    (`benchmarks/stage_overhead.py --config configs/demo.yaml --pipelines dense,moe`, one run each, same
+    machine), which would also skew the compared compute against the MoE.
     """
     limits = DataContext.get_current().execution_options.resource_limits
-    options = ExecutionOptions(preserve_order=True, resource_limits=limits)
-    return DataConfig(datasets_to_split="all" if num_workers > 1 else [], execution_options=options)
+    return DataConfig(execution_options=ExecutionOptions(preserve_order=True, resource_limits=limits))

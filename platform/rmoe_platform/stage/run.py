@@ -138,7 +138,7 @@ def run_stage(
             scaling_config=config.scaling.ray_scaling_config(),
             run_config=_run_config(config, run_name, access, callbacks or []),
             datasets=data.datasets,
-            dataset_config=ingest_config(config.scaling.num_workers),
+            dataset_config=ingest_config(),
         )
         fit_started_at = time.time()
         try:
