@@ -221,9 +221,17 @@ def test_an_s3_endpoint_restarting_mid_stage_fails_the_stage_clearly_and_the_rer
         command, env = long_dense_job(tmp_path, steps=48, checkpoint_every=8, keep=2, root=f"s3://{bucket}")
         env.update({**s3_server.env(), "AWS_ENDPOINT_URL": proxy.url})
 
+        fs = access.filesystem()
+
         def checkpoint_keys() -> list[str]:
             listed = client.list_objects_v2(Bucket=bucket, Prefix="ckpt/smoke/upstream_dense-").get("Contents", [])
             return [o["Key"] for o in listed]
+
+        def whole_checkpoint_steps() -> set[int]:
+            """Steps of the checkpoints whose every file is complete (an upload in flight is not yet one)."""
+            files = [key for key in checkpoint_keys() if "/checkpoint_" in key and not key.endswith("/")]
+            directories = {key.rsplit("/", 1)[0] for key in files}
+            return {int(d.rsplit("_", 1)[1]) for d in directories if checkpoint_problem(fs, f"{bucket}/{d}") is None}
 
         log = (tmp_path / "first.log").open("w")
         first = subprocess.Popen(
@@ -231,7 +239,7 @@ def test_an_s3_endpoint_restarting_mid_stage_fails_the_stage_clearly_and_the_rer
         )
         try:
             deadline = time.monotonic() + 300
-            while not any(key.endswith(f"/{OPTIMIZER_FILE}") for key in checkpoint_keys()):
+            while not (before_outage := whole_checkpoint_steps()):
                 assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
                 assert time.monotonic() < deadline, "no checkpoint in time"
                 time.sleep(0.2)
@@ -251,15 +259,12 @@ def test_an_s3_endpoint_restarting_mid_stage_fails_the_stage_clearly_and_the_rer
         store = ResultsStore(f"s3://{bucket}/results", s3=access)
         failed = store.rows(row_type="stage", stage="upstream_dense")
         assert [row["status"] for row in failed] == ["failed"], "the failed row waited for the endpoint"
-        fs = access.filesystem()
-        files = [key for key in checkpoint_keys() if "/checkpoint_" in key and not key.endswith("/")]
-        directories = {key.rsplit("/", 1)[0] for key in files}
-        whole = {d for d in directories if checkpoint_problem(fs, f"{bucket}/{d}") is None}
-        assert whole, "a whole checkpoint survived the outage"
+        whole = whole_checkpoint_steps()
+        assert whole and max(whole) >= max(before_outage), "the whole checkpoints written before the outage survived it"
 
         second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    resumed = max(int(d.rsplit("_", 1)[1]) for d in whole)
+    resumed = max(whole)
     assert "[upstream_dense] resuming interrupted run upstream_dense-" in second.stdout
     assert f"from step {resumed} " in second.stdout, "from the newest whole checkpoint"
     rows = store.rows(row_type="stage", stage="upstream_dense")
