@@ -1,11 +1,12 @@
 """Find where an interrupted stage can continue: the newest whole checkpoint of an unfinished run.
 
-A stage's runs are named `<stage>-<resume hash>-<suffix>` under the experiment's storage (the resume hash is
-the config hash less the worker layout), so a rerun of the experiment (after a cancelled job, a restarted
-head, Ctrl-C), on any worker count, finds the runs of the stage that never wrote a succeeded row, and
-resumes from the newest of their checkpoints that is whole. A checkpoint is whole when its state file parses
-and each safetensors file is as long as its header says: a checkpoint cut short by a kill is passed over
-(and said so), never loaded partially.
+A stage's runs are named `<stage>-<resume hash>-<suffix>` (the resume hash is the config hash less the worker
+layout), and every checkpoint under the experiment's storage names the run it belongs to, also where a chain
+of stages wrote it into its first stage's run directory (`stage.checkpoint_names`). So a rerun of the
+experiment (after a cancelled job, a restarted head, Ctrl-C), on any worker count, finds the runs of the
+stage that never wrote a succeeded row, and resumes from the newest of their checkpoints that is whole.
+A checkpoint is whole when its state file parses and each safetensors file is as long as its header says:
+a checkpoint cut short by a kill is passed over (and said so), never loaded partially.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from rmoe_platform import storage
+from rmoe_platform.stage.checkpoint_names import parse_checkpoint_dir
 from rmoe_platform.stage.worker.checkpoints import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE
 from rmoe_platform.storage.s3 import S3Access
-
-CHECKPOINT_PREFIX = "checkpoint_"
 
 
 def run_prefix(stage_key: str, resume_hash: str) -> str:
@@ -44,18 +44,19 @@ def find_resume_point(
     access: S3Access | None,
     log: Callable[[str], None],
 ) -> ResumePoint | None:
-    """The newest whole checkpoint of a run under `storage_uri` whose name starts with `prefix` and is not
-    one of `finished_runs`; None when there is none (or the storage does not exist yet)."""
+    """The newest whole checkpoint of a run whose name starts with `prefix` and is not one of `finished_runs`,
+    in any run directory under `storage_uri`; None when there is none (or the storage does not exist yet)."""
     fs, root = storage.filesystem(storage_uri, s3=access)
     candidates: list[tuple[int, str, str]] = []
     for run in _children(fs, root):
-        name = run.base_name
-        if run.type != pafs.FileType.Directory or not name.startswith(prefix) or name in finished_runs:
+        if run.type != pafs.FileType.Directory:
             continue
         for checkpoint in _children(fs, run.path):
-            step = _step(checkpoint.base_name)
-            if checkpoint.type == pafs.FileType.Directory and step is not None:
-                candidates.append((step, name, checkpoint.path))
+            name = parse_checkpoint_dir(checkpoint.base_name, run.base_name)
+            if checkpoint.type != pafs.FileType.Directory or name is None:
+                continue
+            if name.owner.startswith(prefix) and name.owner not in finished_runs:
+                candidates.append((name.step, name.owner, checkpoint.path))
     for step, name, path in sorted(candidates, reverse=True):
         problem = checkpoint_problem(fs, path)
         if problem is None:
@@ -101,11 +102,6 @@ def _children(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     """The entries under `path` (none when it does not exist). Any other failure (an unreachable endpoint,
     a refusal) is raised: read as "nothing to resume", it would start an interrupted stage from scratch."""
     return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-
-
-def _step(name: str) -> int | None:
-    digits = name.removeprefix(CHECKPOINT_PREFIX)
-    return int(digits) if name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() else None
 
 
 def _uri(storage_uri: str, root: str, path: str) -> str:

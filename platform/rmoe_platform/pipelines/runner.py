@@ -14,7 +14,6 @@ from typing import Any
 from rmoe_platform import storage
 from rmoe_platform.config.experiment import ExperimentConfig
 from rmoe_platform.config.fields import ConfigError
-from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.cost.devices import device_table
 from rmoe_platform.cost.ledger import StageLedger
 from rmoe_platform.datasets.checks import DatasetCheck, check_dataset, ensure_dataset
@@ -25,10 +24,10 @@ from rmoe_platform.pipelines.imported import inspect_core, materialize_core
 from rmoe_platform.pipelines.model_checks import check_stage_models
 from rmoe_platform.pipelines.outcomes import ExperimentReport, PipelineSummary, StageOutcome, SweepTrial
 from rmoe_platform.pipelines.report import fmt
-from rmoe_platform.pipelines.resume import ResumePoint, find_resume_point, run_prefix
+from rmoe_platform.pipelines.resume import find_resume_point, run_prefix
 from rmoe_platform.results import ResultsStore
 from rmoe_platform.results.rows import RowContext, git_commit, now, pipeline_row, row_cost, stage_row
-from rmoe_platform.stage.run import StageResult, run_stage
+from rmoe_platform.stage.run import ChainLink, ChainResult, StageResult, run_chain
 from rmoe_platform.storage.s3 import S3Access, unreachable
 
 # Given a stage about to run and what its finished ancestors cost, the Ray Train callbacks to run it with.
@@ -42,7 +41,7 @@ class ExperimentRunner:
         store: ResultsStore,
         *,
         log: Callable[[str], None] = print,
-        stage_runner: Callable[..., StageResult] = run_stage,
+        chain_runner: Callable[..., ChainResult] = run_chain,
         s3: S3Access | None = None,
         trial: SweepTrial | None = None,
         stage_callbacks: StageCallbacks | None = None,
@@ -59,8 +58,8 @@ class ExperimentRunner:
         self.access = s3 or S3Access.resolve(exp.s3)
         self.store = store
         self.log = log
-        self.stage_runner = stage_runner
-        self.running: str | None = None  # the key of the stage training now (what an interruption stops)
+        self.chain_runner = chain_runner
+        self.running: str | None = None  # the stage (or chain) training now (what an interruption stops)
         trial_fields = {"sweep_id": trial.sweep_id, "params": trial.params} if trial else {}
         devices = device_table(exp.devices)
         self.rows = RowContext(exp.name, exp.arch, git_commit(), exp.seed, devices=devices, **trial_fields)
@@ -127,12 +126,19 @@ class ExperimentRunner:
         outcomes: dict[str, StageOutcome] = {}
         for pipeline, stages in plans.items():
             for node in stages:
-                if node.key not in outcomes and (wanted is None or node.key in wanted):
-                    outcomes[node.key] = self._stage(node, outcomes, users.get(node.key, [pipeline]))
+                if node.key in outcomes or (wanted is not None and node.key not in wanted):
+                    continue
+                settled = self._settled(node, outcomes, users.get(node.key, [pipeline]))
+                if settled is not None:
+                    outcomes[node.key] = settled
+                    continue
+                chain = self._chain(node, stages, outcomes, wanted)
+                outcomes.update(self._train(chain, outcomes, {n.key: users.get(n.key, [pipeline]) for n in chain}))
         return plans, outcomes
 
     # ---- stages --------------------------------------------------------------------------------
-    def _stage(self, node: StageNode, outcomes: dict[str, StageOutcome], pipelines: list[str]) -> StageOutcome:
+    def _settled(self, node: StageNode, outcomes: dict[str, StageOutcome], pipelines: list[str]) -> StageOutcome | None:
+        """A stage that needs no training: skipped (its parent did not succeed), imported or cached."""
         parent = outcomes.get(node.parent.key) if node.parent else None
         if parent is not None and not parent.ok:
             self.log(f"[{node.key}] skipped: parent {parent.node.key} {parent.status}")
@@ -142,33 +148,79 @@ class ExperimentRunner:
         cached = self._cached(node)
         if cached is not None:
             self.log(f"[{node.key}] cached (run {cached.run_id}, {node.metric_name} {fmt(cached.metric)})")
-            return cached
-        config = node.config
+        return cached
+
+    def _chain(
+        self, head: StageNode, stages: list[StageNode], outcomes: dict[str, StageOutcome], wanted: set[str] | None
+    ) -> list[StageNode]:
+        """`head` and the stages after it in its pipeline that train in the same fit: each the child of the one
+        before, to be trained (not run yet, wanted, not cached) on the same workers and storage. A sweep's
+        stages train one per fit (each reports to its own Tune trial)."""
+        chain = [head]
+        if self.stage_callbacks is not None:
+            return chain
+        for node in stages[stages.index(head) + 1 :]:
+            last = chain[-1]
+            follows = node.parent is not None and node.parent.key == last.key and node.imported is None
+            if not follows or node.key in outcomes or (wanted is not None and node.key not in wanted):
+                break
+            same_place = node.config.scaling == last.config.scaling and node.config.storage == last.config.storage
+            if not same_place or self._cached(node) is not None:
+                break
+            chain.append(node)
+        return chain
+
+    def _train(
+        self, chain: list[StageNode], outcomes: dict[str, StageOutcome], pipelines: dict[str, list[str]]
+    ) -> dict[str, StageOutcome]:
+        """Train the chain's stages in one fit; a row per stage as the fit ends: succeeded, failed (the one
+        the fit stopped in), or skipped (the ones after it)."""
+        head = chain[0]
+        parent = outcomes.get(head.parent.key) if head.parent else None
+        config = head.config
         if parent is not None:
             config = replace(config, model=replace(config.model, parent_checkpoint=parent.checkpoint_uri))
-        prefix = run_prefix(node.key, node.resume_hash)
-        run_id = f"{prefix}{uuid.uuid4().hex[:6]}"
         started = now()
+        run_ids = [f"{run_prefix(node.key, node.resume_hash)}{uuid.uuid4().hex[:6]}" for node in chain]
         extra: dict[str, Any] = {}
         if self.stage_callbacks is not None:
-            ancestors = [outcomes[n.key] for n in node.lineage[:-1]]
-            extra["callbacks"] = self.stage_callbacks(node, total(a.cost for a in ancestors))
-        self.running = node.key  # stays set when an interruption (not an Exception) stops the stage
+            ancestors = [outcomes[n.key] for n in head.lineage[:-1]]
+            extra["callbacks"] = self.stage_callbacks(head, total(a.cost for a in ancestors))
+        chained = f" (chained with {', '.join(n.key for n in chain[1:])})" if len(chain) > 1 else ""
+        self.running = head.key + chained  # stays set when an interruption (not an Exception) stops the fit
         try:
-            resume = self._resume_point(node, config, prefix)
-            if resume is not None:
-                extra["resume_from"] = resume.checkpoint_uri
-            result = self.stage_runner(config, run_name=run_id, s3=self.access, **extra)
+            links = [
+                ChainLink(config if node is head else node.config, run_id, self._resume_from(node))
+                for node, run_id in zip(chain, run_ids, strict=True)
+            ]
+            result = self.chain_runner(links, s3=self.access, **extra)
         except ConfigError:
             self.running = None
             raise
-        except Exception as err:  # a failed stage is recorded; the others go on
-            self.running = None
-            outcome = StageOutcome(node, "failed", run_id, error=self._failure(err))
-            self.store.append([self._stage_row(outcome, None, pipelines, parent, started, traceback.format_exc())])
-            self.log(f"[{node.key}] FAILED: {outcome.error}")
-            return outcome
+        except Exception as err:  # a chain that failed before its fit: its first stage failed
+            result = ChainResult((), err)
         self.running = None
+        trained: dict[str, StageOutcome] = {}
+        for index, node in enumerate(chain):
+            node_parent, users = parent if index == 0 else trained[chain[index - 1].key], pipelines[node.key]
+            if index < len(result.finished):
+                outcome = self._record_success(node, result.finished[index], users, node_parent, started)
+            elif index == len(result.finished):
+                outcome = self._record_failure(node, run_ids[index], result.error, users, node_parent, started)
+            else:
+                outcome = self._settled(node, trained, pipelines[node.key])
+                assert outcome is not None and outcome.status == "skipped"
+            trained[node.key] = outcome
+        return trained
+
+    def _record_success(
+        self,
+        node: StageNode,
+        result: StageResult,
+        pipelines: list[str],
+        parent: StageOutcome | None,
+        started: dt.datetime,
+    ) -> StageOutcome:
         measured = result.cost
         cost = stage_cost(
             measured.train_flops,
@@ -177,7 +229,7 @@ class ExperimentRunner:
             self.exp.prices,
             measured.overhead_device_seconds,
         )
-        outcome = StageOutcome(node, "succeeded", run_id, cost, result.metric, result.checkpoint_uri)
+        outcome = StageOutcome(node, "succeeded", result.run_name, cost, result.metric, result.checkpoint_uri)
         self.store.append([self._stage_row(outcome, result, pipelines, parent, started, None)])
         self.log(
             f"[{node.key}] done in {measured.wall_seconds:.0f} s: {result.metric_name} {fmt(outcome.metric)}, "
@@ -186,17 +238,38 @@ class ExperimentRunner:
         )
         return outcome
 
-    def _resume_point(self, node: StageNode, config: StageConfig, prefix: str) -> ResumePoint | None:
+    def _record_failure(
+        self,
+        node: StageNode,
+        run_id: str,
+        err: Exception | None,
+        pipelines: list[str],
+        parent: StageOutcome | None,
+        started: dt.datetime,
+    ) -> StageOutcome:
+        """A failed stage is recorded (with its traceback); the others go on."""
+        assert err is not None
+        outcome = StageOutcome(node, "failed", run_id, error=self._failure(err))
+        trace = "".join(traceback.format_exception(err))
+        self.store.append([self._stage_row(outcome, None, pipelines, parent, started, trace)])
+        self.log(f"[{node.key}] FAILED: {outcome.error}")
+        return outcome
+
+    def _resume_from(self, node: StageNode) -> str | None:
         """The newest whole checkpoint of an interrupted run of this stage, if any (said in the log)."""
         finished = {row["run_id"] for rows in self._succeeded.values() for row in rows}  # on any worker count
-        resume = find_resume_point(config.storage, prefix, finished_runs=finished, access=self.access, log=self.log)
-        workers = config.scaling.num_workers
+        prefix = run_prefix(node.key, node.resume_hash)
+        resume = find_resume_point(
+            node.config.storage, prefix, finished_runs=finished, access=self.access, log=self.log
+        )
+        workers = node.config.scaling.num_workers
         if resume is None:
             self.log(f"[{node.key}] running on {workers} worker(s) …")
-        else:
-            where = f"run {resume.run_name} from step {resume.step}"
-            self.log(f"[{node.key}] resuming interrupted {where} on {workers} worker(s) …")
-        return resume
+            return None
+        self.log(
+            f"[{node.key}] resuming interrupted run {resume.run_name} from step {resume.step} on {workers} worker(s) …"
+        )
+        return resume.checkpoint_uri
 
     def _failure(self, err: Exception) -> str:
         """What a failed stage's row and log say: as raised, or, when storage could not be reached (an S3

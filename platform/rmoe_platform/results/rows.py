@@ -53,8 +53,12 @@ def stage_row(
     started: dt.datetime,
     trace: str | None,
 ) -> dict[str, Any]:
-    """The row of one stage run (succeeded or failed; `trace` is a failure's traceback)."""
+    """The row of one stage run (succeeded or failed; `trace` is a failure's traceback). A trained stage's
+    times are those its cost ledger charges; else `started` and now."""
     node, config = outcome.node, outcome.node.config
+    finished = now()
+    if result is not None:
+        started, finished = (dt.datetime.fromtimestamp(t, dt.UTC) for t in result.window)
     moe = config.model.moe
     metrics = result.metrics if result else {}
     core = node.imported
@@ -101,7 +105,7 @@ def stage_row(
         "checkpoint_uri": outcome.checkpoint_uri,
         "predictions_uri": result.predictions_uri if result else None,
         "started_at": started,
-        "finished_at": now(),
+        "finished_at": finished,
     }
 
 

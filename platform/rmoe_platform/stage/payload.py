@@ -1,8 +1,9 @@
-"""What the driver hands every Train worker of a stage: one typed, frozen value (Ray pickles it into each
-worker through `train_loop_config`), so the worker reads fields, not string keys."""
+"""What the driver hands every Train worker of a fit: one typed, frozen value per stage it trains, in order
+(Ray pickles them into each worker through `train_loop_config`), so the worker reads fields, not string keys."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,14 +11,15 @@ from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.datasets.format import DataFacts
 from rmoe_platform.storage.s3 import S3Access
 
-_KEY = "payload"
+_KEY = "payloads"
 
 
 @dataclass(frozen=True)
 class WorkerPayload:
     """The stage's resolved config (classes and input size filled in), its dataset's facts and train rows,
-    where to start from (the parent stage's checkpoint, or one of this stage's to resume), and the
-    driver-resolved S3 access (workers never read credentials from their own environment)."""
+    where to start from (the parent stage's checkpoint, or one of this stage's to resume), the
+    driver-resolved S3 access (workers never read credentials from their own environment), the names of its
+    datasets in the fit, and what its checkpoint names start with (`stage.checkpoint_names.owner_prefix`)."""
 
     config: StageConfig
     facts: DataFacts
@@ -25,19 +27,24 @@ class WorkerPayload:
     parent_checkpoint: str | None = None
     resume_from: str | None = None
     s3: S3Access = field(default_factory=S3Access)
+    run_name: str = ""  # the stage's run (its checkpoints name it)
+    train_dataset: str = "train"
+    val_dataset: str = "val"
+    checkpoint_prefix: str = ""
 
     @property
     def total_steps(self) -> int:
         return self.config.total_steps(self.num_train)
 
-    def to_loop_config(self) -> dict[str, Any]:
-        """Ray Train's `train_loop_config` (a mapping) carrying this payload."""
-        return {_KEY: self}
 
-    @classmethod
-    def from_loop_config(cls, loop_config: dict[str, Any]) -> WorkerPayload:
-        payload = loop_config.get(_KEY)
-        if not isinstance(payload, cls):
-            got = type(payload).__name__
-            raise TypeError(f"train_loop_config: expected a {cls.__name__} under {_KEY!r}, got {got}")
-        return payload
+def to_loop_config(payloads: Sequence[WorkerPayload]) -> dict[str, Any]:
+    """Ray Train's `train_loop_config` (a mapping) carrying the payloads of the stages a fit trains, in order."""
+    return {_KEY: tuple(payloads)}
+
+
+def from_loop_config(loop_config: dict[str, Any]) -> tuple[WorkerPayload, ...]:
+    payloads = loop_config.get(_KEY)
+    if not isinstance(payloads, tuple) or not payloads or not all(isinstance(p, WorkerPayload) for p in payloads):
+        got = type(payloads).__name__
+        raise TypeError(f"train_loop_config: expected a tuple of WorkerPayload under {_KEY!r}, got {got}")
+    return payloads

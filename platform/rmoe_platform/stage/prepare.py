@@ -16,6 +16,7 @@ import timm.data
 from torch import nn
 
 from rmoe import ModelSpec
+from rmoe.checkpoint import save_state_dict
 from rmoe.upcycle import moe_layers
 from rmoe_platform import storage
 from rmoe_platform.config.fields import ConfigError
@@ -23,7 +24,7 @@ from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.datasets.checks import DatasetCheck, check_dataset, ensure_dataset
 from rmoe_platform.datasets.format import DataFacts
 from rmoe_platform.datasets.ingest import OpenDataset
-from rmoe_platform.stage.worker.checkpoints import checkpoint_spec
+from rmoe_platform.stage.worker.checkpoints import MODEL_FILE, checkpoint_spec
 from rmoe_platform.stage.worker.model import build_stage_model, model_dir
 from rmoe_platform.stage.worker.trainable import apply_trainable
 from rmoe_platform.storage.s3 import S3Access
@@ -41,6 +42,7 @@ class PreparedStage:
     dataset: OpenDataset
     access: S3Access
     metric_name: str
+    spec: ModelSpec  # what the stage's checkpoints will carry (a chained child is checked against it)
     head_reinitialized: bool | None = None  # a classifier for the stage's classes replaces the parent's
 
     @property
@@ -52,10 +54,14 @@ class PreparedStage:
         return self.config.total_steps(self.num_train)
 
 
-def prepare_stage(config: StageConfig, access: S3Access | None = None) -> PreparedStage:
+def prepare_stage(
+    config: StageConfig, access: S3Access | None = None, *, parent_spec: ModelSpec | None = None
+) -> PreparedStage:
     """Validate what needs the model, the data or the outside world; raises ConfigError naming the field.
 
-    The dataset is generated here when it is absent and `data.generate` is set. The returned config has
+    The parent's spec is read from `model.parent_checkpoint`, or taken from `parent_spec` when the parent
+    has not trained yet (a chained stage: its parent trains first in the same fit). The dataset is
+    generated here when it is absent and `data.generate` is set. The returned config has
     `model.num_classes` (from the dataset's classes) and `data.img_size` (the model's input) filled in.
     """
     access = access or S3Access.resolve(config.s3)
@@ -63,12 +69,16 @@ def prepare_stage(config: StageConfig, access: S3Access | None = None) -> Prepar
     checked = check_dataset(config.data, access, field="stage.data")
     parent_uri = config.model.parent_checkpoint
     with tempfile.TemporaryDirectory() as tmp:
-        parent = _fetch_parent_spec(parent_uri, Path(tmp), access) if parent_uri else None
-        config, model, task, _ = check_stage(config, checked, parent=parent)
+        if parent_spec is not None:
+            parent: Path | None = Path(tmp)
+            save_state_dict({}, Path(tmp) / MODEL_FILE, spec=parent_spec)
+        else:
+            parent = _fetch_parent_spec(parent_uri, Path(tmp), access) if parent_uri else None
+        config, model, task, spec = check_stage(config, checked, parent=parent)
         head_reinitialized = _new_head(config, parent)
     flops = task.train_flops_per_sample(model, config)
     dataset = ensure_dataset(config.data, access, "stage.data", checked)  # written only once all else is valid
-    return PreparedStage(config, parent_uri, flops, dataset, access, task.metric_name, head_reinitialized)
+    return PreparedStage(config, parent_uri, flops, dataset, access, task.metric_name, spec, head_reinitialized)
 
 
 def check_stage(config: StageConfig, checked: DatasetCheck, *, parent: Path | None) -> SizedModel:

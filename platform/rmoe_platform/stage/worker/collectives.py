@@ -69,6 +69,12 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum", group: Group = None) -> to
     return _move(moved, device, tensor.device)
 
 
+def barrier(group: Group = None) -> None:
+    """Every worker of the group waits (on the host) until all have arrived."""
+    if world_size(group) > 1:
+        dist.barrier(group=group)
+
+
 def all_gather_cat(tensor: torch.Tensor, group: Group = None) -> torch.Tensor:
     """Every rank's `tensor` (equal shapes) concatenated along dim 0 in rank order, on the caller's device."""
     size = world_size(group)

@@ -1,4 +1,5 @@
-"""The per-worker training function of a stage (Ray Train V2 `train_loop_per_worker`)."""
+"""The per-worker training function of a fit (Ray Train V2 `train_loop_per_worker`): the stages it was handed,
+in order, on one worker group (a chain's later stages build on the checkpoint the earlier one reported)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from rmoe.telemetry import MoEAuxSummary
 from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.cost.devices import identify
 from rmoe_platform.cost.ledger import LapClock
-from rmoe_platform.stage.payload import WorkerPayload
+from rmoe_platform.stage.checkpoint_names import checkpoint_dir_name, restart_point
+from rmoe_platform.stage.payload import WorkerPayload, from_loop_config
 from rmoe_platform.stage.worker import collectives
 from rmoe_platform.stage.worker.checkpoints import TrainProgress, restore_training_state, save_training_checkpoint
 from rmoe_platform.stage.worker.compile import compile_dense_parts
@@ -50,6 +52,7 @@ class WorkerContext:
     rank: int
     world: int
     clock: LapClock  # where this worker's time goes (the stage's cost ledger)
+    payload: WorkerPayload
     initial: dict[str, float] = field(default_factory=dict)  # validation before training, if asked
 
 
@@ -65,17 +68,29 @@ class StepStats:
 
 
 def train_stage_worker(loop_config: dict[str, Any]) -> None:
-    """Build (or resume) the model, parallelize it, train to the budget, evaluate, checkpoint, report."""
-    clock = LapClock()
-    payload = WorkerPayload.from_loop_config(loop_config)
-    config, access, total_steps = payload.config, payload.s3, payload.total_steps
+    """Train each stage of the fit in turn. After a worker failure Ray restarts this function with the fit's
+    latest checkpoint: the stages before the one that wrote it are done, and so is that one if it was its
+    final checkpoint."""
+    payloads = from_loop_config(loop_config)
     # torch marks the autograd-aware collectives deprecated (see expert_parallel); say so once per worker.
     warnings.filterwarnings("once", message="torch.distributed.nn.functional", category=FutureWarning)
+    latest = ray.train.get_checkpoint()
+    stages = [(payload.run_name, payload.total_steps) for payload in payloads]
+    first, resume_first = restart_point(stages, latest.path if latest is not None else None)
+    for index in range(first, len(payloads)):
+        train_one_stage(payloads[index], latest if index == first and resume_first else None)
+        collectives.barrier()  # rank 0 has persisted the final checkpoint the next stage starts from
+
+
+def train_one_stage(payload: WorkerPayload, restart: ray.train.Checkpoint | None) -> None:
+    """Build (or resume) the model, parallelize it, train to the budget, evaluate, checkpoint, report."""
+    clock = LapClock()
+    config, access, total_steps = payload.config, payload.s3, payload.total_steps
     with tempfile.TemporaryDirectory() as tmp:
-        resume_dir = _resume_dir(payload.resume_from, Path(tmp), access)
+        resume_dir = _resume_dir(restart, payload.resume_from, Path(tmp), access)
         ctx = _setup(payload, resume_dir, clock)
         progress, resumed_from = _resume(ctx, resume_dir)
-    train_shard = ray.train.get_dataset_shard("train")
+    train_shard = ray.train.get_dataset_shard(payload.train_dataset)
     clock.lap("setup")
     last: StepStats | None = None
     if config.evaluate_at_start and progress.step == 0:
@@ -121,12 +136,13 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
     _report(ctx, progress, last, resumed_from, checkpoint=True, evaluate=True, final=True)
 
 
-def _resume_dir(resume_uri: str | None, tmp: Path, access: S3Access) -> Path | None:
-    """Where to resume from: Ray's latest checkpoint of this run (after a worker failure), else the
+def _resume_dir(
+    restart: ray.train.Checkpoint | None, resume_uri: str | None, tmp: Path, access: S3Access
+) -> Path | None:
+    """Where to resume from: Ray's latest checkpoint of this stage (after a worker failure), else the
     checkpoint the caller named (possibly written by a different number of workers), else nowhere."""
-    latest = ray.train.get_checkpoint()
-    if latest is not None:
-        return Path(latest.to_directory(str(tmp / "latest")))
+    if restart is not None:
+        return Path(restart.to_directory(str(tmp / "latest")))
     if resume_uri is not None:
         return download(resume_uri, tmp, access)
     return None
@@ -166,6 +182,7 @@ def _setup(payload: WorkerPayload, resume_dir: Path | None, clock: LapClock) -> 
         collectives.rank(),
         collectives.world_size(),
         clock,
+        payload,
     )
 
 
@@ -219,7 +236,7 @@ def validate(ctx: WorkerContext, export: Path | None = None) -> dict[str, float]
     """The task's validation metrics over this worker's (unshuffled) shard, combined over workers;
     `export`: where the task writes its predictions (if it exports any)."""
     ctx.model.eval()
-    batches = ray.train.get_dataset_shard("val").iter_torch_batches(
+    batches = ray.train.get_dataset_shard(ctx.payload.val_dataset).iter_torch_batches(
         batch_size=ctx.config.local_batch_size,
         collate_fn=ctx.task.collate_fn("val"),
         pin_memory=ctx.device.type == "cuda",
@@ -295,7 +312,8 @@ def _report(
         ctx.clock.lap("checkpoint")
         # the final report's upload lands in the driver's teardown: this worker's part ends as it starts
         metrics.update(ctx.clock.report())
-        ray.train.report(metrics, checkpoint=attached, checkpoint_dir_name=f"checkpoint_{progress.step:08d}")
+        name = checkpoint_dir_name(ctx.payload.checkpoint_prefix, progress.step)
+        ray.train.report(metrics, checkpoint=attached, checkpoint_dir_name=name)
         ctx.clock.lap("checkpoint")
 
 
