@@ -83,14 +83,19 @@ def test_a_chain_keeps_each_stages_newest_checkpoints(tmp_path: Path) -> None:
 
 
 # ---- one fit, several stages ---------------------------------------------------------------------
-def _failing_child(marker: Path, max_failures: int):
-    """A chain runner whose second stage loses its worker at step 1, once."""
+def _failing_child(marker: Path, max_failures: int, fits: list[list[str]]):
+    """A chain runner whose `dense/downstream` stage loses its worker at step 1, once; each fit's run names go
+    to `fits`."""
 
     def run(links: list[ChainLink], **kwargs: Any) -> ChainResult:
-        assert len(links) == 2, "the dense pipeline's two stages train in one fit"
-        child = replace(links[1].config, fault_injection=FaultInjection(step=1, marker=str(marker)))
-        child = replace(child, max_failures=max_failures)
-        return run_chain([links[0], replace(links[1], config=child)], **kwargs)
+        fits.append([link.run_name for link in links])
+        faulty = []
+        for link in links:
+            if link.run_name.startswith("dense-downstream-"):
+                fault = FaultInjection(step=1, marker=str(marker))
+                link = replace(link, config=replace(link.config, fault_injection=fault, max_failures=max_failures))
+            faulty.append(link)
+        return run_chain(faulty, **kwargs)
 
     return run
 
@@ -105,11 +110,10 @@ def _stage_rows(store: ResultsStore) -> dict[str, list[dict[str, Any]]]:
 @pytest.mark.slow
 def test_a_worker_lost_in_a_chained_stage_restarts_that_stage_not_its_parent(ray_local, tmp_path: Path) -> None:
     exp, marker = smoke(tmp_path, "pipelines=[dense]"), tmp_path / "fault"
-    runner = ExperimentRunner(
-        exp, ResultsStore(exp.results), log=lambda _: None, chain_runner=_failing_child(marker, 1)
-    )
-    assert runner.run().ok
+    store, fits = ResultsStore(exp.results), []
+    assert ExperimentRunner(exp, store, log=lambda _: None, chain_runner=_failing_child(marker, 1, fits)).run().ok
     assert marker.exists(), "the child's worker was lost"
+    assert len(fits) == 1 and len(fits[0]) == 2, "the dense pipeline's two stages train in one fit"
     rows = _stage_rows(ResultsStore(exp.results))
     (up,), (down,) = rows["upstream_dense"], rows["dense/downstream"]
     assert up["status"] == down["status"] == "succeeded"
@@ -126,19 +130,25 @@ def test_a_worker_lost_in_a_chained_stage_restarts_that_stage_not_its_parent(ray
 
 
 @pytest.mark.slow
-def test_a_failed_chained_stage_leaves_its_parent_finished_and_the_rerun_trains_only_it(
+def test_a_failed_chained_stage_leaves_the_others_trained_and_the_rerun_trains_only_it(
     ray_local, tmp_path: Path
 ) -> None:
-    exp, marker = smoke(tmp_path, "pipelines=[dense]"), tmp_path / "fault"
-    store = ResultsStore(exp.results)
-    report = ExperimentRunner(exp, store, log=lambda _: None, chain_runner=_failing_child(marker, 0)).run()
+    """The dense core, dense/downstream and rmoe_d/downstream train in one fit; dense/downstream fails: the
+    core is recorded, rmoe_d/downstream (not below the failure) trains in a fit of its own."""
+    exp, marker = smoke(tmp_path, "pipelines=[dense, rmoe_d]"), tmp_path / "fault"
+    store, fits = ResultsStore(exp.results), []
+    report = ExperimentRunner(exp, store, log=lambda _: None, chain_runner=_failing_child(marker, 0, fits)).run()
     assert not report.ok and marker.exists()
+    assert [[name.split("-")[0] for name in fit] for fit in fits] == [["upstream_dense", "dense", "rmoe_d"], ["rmoe_d"]]
     rows = _stage_rows(store)
-    (up,), (down,) = rows["upstream_dense"], rows["dense/downstream"]
+    (up,), (down,), (rmoe_d,) = rows["upstream_dense"], rows["dense/downstream"], rows["rmoe_d/downstream"]
     assert up["status"] == "succeeded" and (Path(up["checkpoint_uri"]) / MODEL_FILE).is_file()
     assert down["status"] == "failed" and down["error"]
+    assert rmoe_d["status"] == "succeeded" and rmoe_d["parent_run_id"] == up["run_id"]
+    assert Path(rmoe_d["checkpoint_uri"]).parent.name == rmoe_d["run_id"], "a fit of its own after the failure"
     again = ExperimentRunner(exp, store, log=lambda _: None).run()
-    assert again.ok and again.outcomes["upstream_dense"].status == "cached"
+    assert again.ok and again.outcomes["upstream_dense"].status == again.outcomes["rmoe_d/downstream"].status
+    assert again.outcomes["upstream_dense"].status == "cached"
     rows = _stage_rows(store)
     assert len(rows["upstream_dense"]) == 1 and [r["status"] for r in rows["dense/downstream"]] == [
         "failed",

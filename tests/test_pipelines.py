@@ -183,6 +183,14 @@ def test_smoke_preset_runs_all_pipelines_end_to_end(smoke_run) -> None:
     )
     text = format_report(report)
     assert "Δ vs dense" in text and "rmoe_i" in text and "overhead-s" in text
+    # two fits: each core and every stage built on it train on one worker group, Ray Train started once
+    by_stage = {row["stage"]: row for row in stages}
+    roots = {"upstream_dense", "upstream_moe"}
+    for row in stages:
+        root = "upstream_moe" if row["stage"].startswith(("upstream_moe", "moe/")) else "upstream_dense"
+        folder = Path(by_stage[root]["checkpoint_uri"]).parent
+        assert folder.name == by_stage[root]["run_id"] and Path(row["checkpoint_uri"]).parent == folder, row["stage"]
+        assert (json.loads(row["ledger"])["start_seconds"] > 0) == (row["stage"] in roots), row["stage"]
 
 
 @pytest.mark.slow

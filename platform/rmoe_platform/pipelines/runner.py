@@ -120,20 +120,19 @@ class ExperimentRunner:
             opened = ensure_dataset(spec, self.access, field_path, datasets[field_path])
             self.log(f"dataset {opened.card.name}: {opened.uri} ({_split_sizes(opened.card)})")
         self._succeeded = self._succeeded_stage_rows()
-        shared = shared_keys(plans)
-        users = {key: sorted(p for p, stages in plans.items() if any(s.key == key for s in stages)) for key in shared}
+        users = {n.key: sorted(p for p, ss in plans.items() if n in ss) for stages in plans.values() for n in stages}
         wanted = None if only is None else {n.key for s in plans.values() for n in s if _leads_to(n, only, s)}
         outcomes: dict[str, StageOutcome] = {}
-        for pipeline, stages in plans.items():
+        for stages in plans.values():
             for node in stages:
                 if node.key in outcomes or (wanted is not None and node.key not in wanted):
                     continue
-                settled = self._settled(node, outcomes, users.get(node.key, [pipeline]))
+                settled = self._settled(node, outcomes, users[node.key])
                 if settled is not None:
                     outcomes[node.key] = settled
                     continue
-                chain = self._chain(node, stages, outcomes, wanted)
-                outcomes.update(self._train(chain, outcomes, {n.key: users.get(n.key, [pipeline]) for n in chain}))
+                chain = self._chain(node, plans, outcomes, wanted)
+                outcomes.update(self._train(chain, outcomes, users))
         return plans, outcomes
 
     # ---- stages --------------------------------------------------------------------------------
@@ -151,30 +150,36 @@ class ExperimentRunner:
         return cached
 
     def _chain(
-        self, head: StageNode, stages: list[StageNode], outcomes: dict[str, StageOutcome], wanted: set[str] | None
+        self,
+        head: StageNode,
+        plans: dict[str, list[StageNode]],
+        outcomes: dict[str, StageOutcome],
+        wanted: set[str] | None,
     ) -> list[StageNode]:
-        """`head` and the stages after it in its pipeline that train in the same fit: each the child of the one
-        before, to be trained (not run yet, wanted, not cached) on the same workers and storage. A sweep's
-        stages train one per fit (each reports to its own Tune trial)."""
-        chain = [head]
+        """`head` and the stages below it, in every pipeline, that train in the same fit, parents first: those
+        to be trained (not run yet, wanted, not cached) on the same workers and storage. So a dense core and
+        every stage built on it start Ray Train once. A sweep's stages train one per fit (each reports to
+        its own Tune trial)."""
+        chain, keys = [head], {head.key}
         if self.stage_callbacks is not None:
             return chain
-        for node in stages[stages.index(head) + 1 :]:
-            last = chain[-1]
-            follows = node.parent is not None and node.parent.key == last.key and node.imported is None
-            if not follows or node.key in outcomes or (wanted is not None and node.key not in wanted):
-                break
-            same_place = node.config.scaling == last.config.scaling and node.config.storage == last.config.storage
-            if not same_place or self._cached(node) is not None:
-                break
-            chain.append(node)
+        for stages in plans.values():  # each pipeline's stages come parents first
+            for node in stages:
+                if node.key in keys or node.parent is None or node.parent.key not in keys:
+                    continue
+                if node.key in outcomes or node.imported is not None or (wanted is not None and node.key not in wanted):
+                    continue
+                same_place = node.config.scaling == head.config.scaling and node.config.storage == head.config.storage
+                if same_place and self._cached(node) is None:
+                    chain.append(node)
+                    keys.add(node.key)
         return chain
 
     def _train(
-        self, chain: list[StageNode], outcomes: dict[str, StageOutcome], pipelines: dict[str, list[str]]
+        self, chain: list[StageNode], outcomes: dict[str, StageOutcome], users: dict[str, list[str]]
     ) -> dict[str, StageOutcome]:
         """Train the chain's stages in one fit; a row per stage as the fit ends: succeeded, failed (the one
-        the fit stopped in), or skipped (the ones after it)."""
+        the fit stopped in), or skipped (those below a failed one). The others are left for a later fit."""
         head = chain[0]
         parent = outcomes.get(head.parent.key) if head.parent else None
         config = head.config
@@ -182,6 +187,7 @@ class ExperimentRunner:
             config = replace(config, model=replace(config.model, parent_checkpoint=parent.checkpoint_uri))
         started = now()
         run_ids = [f"{run_prefix(node.key, node.resume_hash)}{uuid.uuid4().hex[:6]}" for node in chain]
+        index_of = {node.key: index for index, node in enumerate(chain)}
         extra: dict[str, Any] = {}
         if self.stage_callbacks is not None:
             ancestors = [outcomes[n.key] for n in head.lineage[:-1]]
@@ -190,7 +196,12 @@ class ExperimentRunner:
         self.running = head.key + chained  # stays set when an interruption (not an Exception) stops the fit
         try:
             links = [
-                ChainLink(config if node is head else node.config, run_id, self._resume_from(node))
+                ChainLink(
+                    config if node is head else node.config,
+                    run_id,
+                    self._resume_from(node),
+                    parent=None if node is head else index_of[node.parent.key],  # type: ignore[union-attr]
+                )
                 for node, run_id in zip(chain, run_ids, strict=True)
             ]
             result = self.chain_runner(links, s3=self.access, **extra)
@@ -202,15 +213,17 @@ class ExperimentRunner:
         self.running = None
         trained: dict[str, StageOutcome] = {}
         for index, node in enumerate(chain):
-            node_parent, users = parent if index == 0 else trained[chain[index - 1].key], pipelines[node.key]
+            node_parent = parent if node is head else trained.get(node.parent.key)  # type: ignore[union-attr]
+            users_of = users[node.key]
             if index < len(result.finished):
-                outcome = self._record_success(node, result.finished[index], users, node_parent, started)
+                trained[node.key] = self._record_success(node, result.finished[index], users_of, node_parent, started)
             elif index == len(result.finished):
-                outcome = self._record_failure(node, run_ids[index], result.error, users, node_parent, started)
-            else:
-                outcome = self._settled(node, trained, pipelines[node.key])
-                assert outcome is not None and outcome.status == "skipped"
-            trained[node.key] = outcome
+                error = result.error
+                trained[node.key] = self._record_failure(node, run_ids[index], error, users_of, node_parent, started)
+            elif node_parent is not None and not node_parent.ok:
+                skipped = self._settled(node, trained, users_of)
+                assert skipped is not None and skipped.status == "skipped"
+                trained[node.key] = skipped
         return trained
 
     def _record_success(

@@ -113,12 +113,13 @@ class StageResult:
 
 @dataclass(frozen=True)
 class ChainLink:
-    """One stage of a fit: its config, its run name (its rows and checkpoints name it) and, for an
-    interrupted run of it, the checkpoint to resume from."""
+    """One stage of a fit: its config, its run name (its rows and checkpoints name it), for an interrupted
+    run of it the checkpoint to resume from, and which earlier stage of the fit is its parent."""
 
     config: StageConfig
     run_name: str
     resume_from: str | None = None
+    parent: int | None = None  # the earlier stage of the fit it starts from (None: its config's parent)
 
 
 @dataclass(frozen=True)
@@ -153,14 +154,12 @@ def run_stage(
 def run_chain(
     links: Sequence[ChainLink], *, s3: S3Access | None = None, callbacks: list[UserCallback] | None = None
 ) -> ChainResult:
-    """Train a pipeline's consecutive stages, each the parent of the next, in one fit: one worker group and one
-    Ray Train start for them all (the run is named after the first). Every stage is validated before any
-    trains (a later stage against the spec its parent will write); a failure after that ends the chain
-    (`ChainResult.error`) and leaves the stages before it finished, their checkpoints whole.
-
-    The configs' `model.parent_checkpoint` of every stage but the first is set here, to the final checkpoint
-    its parent writes. Each stage keeps its newest `checkpoint.keep` checkpoints (pruned once the fit ends).
-    """
+    """Train stages one after the other in one fit: one worker group and one Ray Train start for them all (the
+    run is named after the first). A stage may start from an earlier one's final checkpoint (`ChainLink.parent`:
+    its `model.parent_checkpoint` is set here). Every stage is validated before any trains (a later stage
+    against the spec its parent will write); a failure after that ends the fit (`ChainResult.error`) and leaves
+    the stages before it finished, their checkpoints whole. Each stage keeps its newest `checkpoint.keep`
+    checkpoints (pruned once the fit ends)."""
     if not links:
         raise ValueError("run_chain: no stages")
     if any(link.config.scaling != links[0].config.scaling for link in links):
@@ -232,19 +231,23 @@ def _explain(err: Exception, data: Sequence[StageData]) -> Exception:
 
 
 def _prepare_links(links: Sequence[ChainLink], fit_run: str, s3: S3Access | None) -> list[PreparedStage]:
-    """Validate each stage, a later one against its parent's spec with its parent's final checkpoint to come."""
+    """Validate each stage in order; one whose parent trains earlier in the fit is checked against that
+    parent's spec, and starts from the final checkpoint that parent will write."""
     prepared: list[PreparedStage] = []
     for index, link in enumerate(links):
-        config = link.config
-        if index == 0:
-            prepared.append(prepare_stage(config, s3))
+        if link.parent is None:
+            prepared.append(prepare_stage(link.config, prepared[0].access if prepared else s3))
             continue
-        parent, parent_link = prepared[-1], links[index - 1]
-        if storage.normalize(config.storage) != storage.normalize(parent.config.storage):
-            raise ConfigError(f"stage.storage: a chain's stages share one storage; {config.name} differs")
+        if not 0 <= link.parent < index:
+            raise ValueError(
+                f"run_chain: stage {index} ({link.config.name}) has parent {link.parent}, not an earlier stage"
+            )
+        parent, parent_link = prepared[link.parent], links[link.parent]
+        if storage.normalize(link.config.storage) != storage.normalize(parent.config.storage):
+            raise ConfigError(f"stage.storage: a chain's stages share one storage; {link.config.name} differs")
         parent_final = checkpoint_dir_name(owner_prefix(parent_link.run_name, fit_run), parent.total_steps)
         parent_uri = storage.join(storage.normalize(parent.config.storage), fit_run, parent_final)
-        config = replace(config, model=replace(config.model, parent_checkpoint=parent_uri))
+        config = replace(link.config, model=replace(link.config.model, parent_checkpoint=parent_uri))
         prepared.append(prepare_stage(config, parent.access, parent_spec=parent.spec))
     return prepared
 

@@ -3,6 +3,7 @@ in order, on one worker group (a chain's later stages build on the checkpoint th
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 import warnings
@@ -79,7 +80,16 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
     first, resume_first = restart_point(stages, latest.path if latest is not None else None)
     for index in range(first, len(payloads)):
         train_one_stage(payloads[index], latest if index == first and resume_first else None)
+        _release_stage_memory()  # the next stage builds its own model and optimizer
         collectives.barrier()  # rank 0 has persisted the final checkpoint the next stage starts from
+
+
+def _release_stage_memory() -> None:
+    """Free what a finished stage held (its model, optimizer and DDP buckets are unreachable by now, some in
+    reference cycles) and hand cached device blocks back, so the next stage of the fit has the device's memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def train_one_stage(payload: WorkerPayload, restart: ray.train.Checkpoint | None) -> None:
