@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from rmoe_platform import storage
-from rmoe_platform.stage.checkpoint_names import parse_checkpoint_dir
+from rmoe_platform.stage.checkpoint_names import CheckpointName, parse_checkpoint_dir
 from rmoe_platform.stage.worker.checkpoints import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE
 from rmoe_platform.storage.s3 import S3Access
 
@@ -36,6 +36,31 @@ class ResumePoint:
     step: int
 
 
+@dataclass(frozen=True)
+class CheckpointListing:
+    """Every checkpoint directory under a storage root, with whose it is: listed once, searched per stage (a
+    chained stage's checkpoints lie in its chain's folder, so every run folder is read)."""
+
+    storage_uri: str
+    fs: pafs.FileSystem
+    root: str
+    checkpoints: tuple[tuple[CheckpointName, str], ...]  # (whose and which step, path in `fs`)
+
+
+def list_checkpoints(storage_uri: str, access: S3Access | None) -> CheckpointListing:
+    """The checkpoints under `storage_uri` (none when the storage does not exist yet)."""
+    fs, root = storage.filesystem(storage_uri, s3=access)
+    found = []
+    for run in _children(fs, root):
+        if run.type != pafs.FileType.Directory:
+            continue
+        for checkpoint in _children(fs, run.path):
+            name = parse_checkpoint_dir(checkpoint.base_name, run.base_name)
+            if checkpoint.type == pafs.FileType.Directory and name is not None:
+                found.append((name, checkpoint.path))
+    return CheckpointListing(storage_uri, fs, root, tuple(found))
+
+
 def find_resume_point(
     storage_uri: str,
     prefix: str,
@@ -43,24 +68,21 @@ def find_resume_point(
     finished_runs: Collection[str],
     access: S3Access | None,
     log: Callable[[str], None],
+    listing: CheckpointListing | None = None,
 ) -> ResumePoint | None:
     """The newest whole checkpoint of a run whose name starts with `prefix` and is not one of `finished_runs`,
-    in any run directory under `storage_uri`; None when there is none (or the storage does not exist yet)."""
-    fs, root = storage.filesystem(storage_uri, s3=access)
-    candidates: list[tuple[int, str, str]] = []
-    for run in _children(fs, root):
-        if run.type != pafs.FileType.Directory:
-            continue
-        for checkpoint in _children(fs, run.path):
-            name = parse_checkpoint_dir(checkpoint.base_name, run.base_name)
-            if checkpoint.type != pafs.FileType.Directory or name is None:
-                continue
-            if name.owner.startswith(prefix) and name.owner not in finished_runs:
-                candidates.append((name.step, name.owner, checkpoint.path))
-    for step, name, path in sorted(candidates, reverse=True):
+    in any run directory under `storage_uri` (searched in `listing` when given); None when there is none."""
+    listing = listing or list_checkpoints(storage_uri, access)
+    fs, root = listing.fs, listing.root
+    candidates = [
+        (name.step, name.owner, path)
+        for name, path in listing.checkpoints
+        if name.owner.startswith(prefix) and name.owner not in finished_runs
+    ]
+    for step, owner, path in sorted(candidates, reverse=True):
         problem = checkpoint_problem(fs, path)
         if problem is None:
-            return ResumePoint(name, _uri(storage_uri, root, path), step)
+            return ResumePoint(owner, _uri(storage_uri, root, path), step)
         log(f"checkpoint {_uri(storage_uri, root, path)} passed over: {problem}")
     return None
 

@@ -24,7 +24,7 @@ from rmoe_platform.pipelines.imported import inspect_core, materialize_core
 from rmoe_platform.pipelines.model_checks import check_stage_models
 from rmoe_platform.pipelines.outcomes import ExperimentReport, PipelineSummary, StageOutcome, SweepTrial
 from rmoe_platform.pipelines.report import fmt
-from rmoe_platform.pipelines.resume import find_resume_point, run_prefix
+from rmoe_platform.pipelines.resume import CheckpointListing, find_resume_point, list_checkpoints, run_prefix
 from rmoe_platform.results import ResultsStore
 from rmoe_platform.results.rows import RowContext, git_commit, now, pipeline_row, row_cost, stage_row
 from rmoe_platform.stage.run import ChainLink, ChainResult, StageResult, run_chain
@@ -195,11 +195,12 @@ class ExperimentRunner:
         chained = f" (chained with {', '.join(n.key for n in chain[1:])})" if len(chain) > 1 else ""
         self.running = head.key + chained  # stays set when an interruption (not an Exception) stops the fit
         try:
+            listing = list_checkpoints(head.config.storage, self.access)  # once: the fit's stages share storage
             links = [
                 ChainLink(
                     config if node is head else node.config,
                     run_id,
-                    self._resume_from(node),
+                    self._resume_from(node, listing),
                     parent=None if node is head else index_of[node.parent.key],  # type: ignore[union-attr]
                 )
                 for node, run_id in zip(chain, run_ids, strict=True)
@@ -268,12 +269,12 @@ class ExperimentRunner:
         self.log(f"[{node.key}] FAILED: {outcome.error}")
         return outcome
 
-    def _resume_from(self, node: StageNode) -> str | None:
+    def _resume_from(self, node: StageNode, listing: CheckpointListing) -> str | None:
         """The newest whole checkpoint of an interrupted run of this stage, if any (said in the log)."""
         finished = {row["run_id"] for rows in self._succeeded.values() for row in rows}  # on any worker count
         prefix = run_prefix(node.key, node.resume_hash)
         resume = find_resume_point(
-            node.config.storage, prefix, finished_runs=finished, access=self.access, log=self.log
+            node.config.storage, prefix, finished_runs=finished, access=self.access, log=self.log, listing=listing
         )
         workers = node.config.scaling.num_workers
         if resume is None:

@@ -1,5 +1,5 @@
-"""Run one training stage, or a chain of a pipeline's consecutive stages, as one Ray Train `TorchTrainer` fit
-and return each stage's metrics, checkpoint and cost.
+"""Run one training stage, or a chain of stages (a core and the stages built on it), as one Ray Train
+`TorchTrainer` fit and return each stage's metrics, checkpoint and cost.
 
 Every stage is validated first (`stage.prepare`), so a bad config fails before any worker starts and
 before anything is written; the workers get one `WorkerPayload` per stage and run `stage.worker.loop`.
@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
@@ -278,12 +279,10 @@ def _reports(result: Result) -> Reports:
 
 def _reports_after_failure(storage_root: str, fit_run: str, access: S3Access) -> Reports:
     """The reports of a failed chain's fit, read back from the run's storage: which stages finished before the
-    failure. None when it cannot be read (no checkpoint reported yet, or the storage is what failed the fit:
-    then the finished stages are found again by the rerun, which resumes each from its final checkpoint)."""
-    storage_path, filesystem = storage.normalize(storage_root), None
+    failure. Empty when they cannot be read (no checkpoint reported yet, or the storage is what failed the
+    fit: then the rerun finds the finished stages again and resumes each from its final checkpoint)."""
     try:
-        if storage.is_remote(storage_root):
-            filesystem, storage_path = storage.filesystem(storage_root, "stage.storage", access)
+        storage_path, filesystem = _storage_location(storage_root, access)
         return _reports(Result.from_path(storage.join(storage_path, fit_run), storage_filesystem=filesystem))
     except (RuntimeError, OSError, ConfigError):
         return []
@@ -381,9 +380,7 @@ def _run_config(
     keep: int | None,
     max_failures: int,
 ) -> RunConfig:
-    storage_path, filesystem = storage.normalize(config.storage), None
-    if storage.is_remote(config.storage):
-        filesystem, storage_path = storage.filesystem(config.storage, "stage.storage", access)
+    storage_path, filesystem = _storage_location(config.storage, access)
     return RunConfig(
         name=run_name,
         storage_path=storage_path,
@@ -392,6 +389,15 @@ def _run_config(
         failure_config=FailureConfig(max_failures=max_failures),
         callbacks=callbacks,
     )
+
+
+def _storage_location(storage_root: str, access: S3Access) -> tuple[str, pafs.FileSystem | None]:
+    """Where Ray Train writes under `storage_root`: a local path (its own filesystem), or a bucket path with
+    the S3 filesystem of the driver's access."""
+    if not storage.is_remote(storage_root):
+        return storage.normalize(storage_root), None
+    filesystem, path = storage.filesystem(storage_root, "stage.storage", access)
+    return path, filesystem
 
 
 def _checkpoint_uri(storage_root: str, path: str) -> str:
