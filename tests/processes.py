@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -35,6 +38,23 @@ def cmdline(pid: int) -> list[str]:
     except OSError:
         return []
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def ray_cluster_env(**extra: str) -> dict[str, str]:
+    """The environment of a `ray start` cluster a test starts: this venv's tools first on PATH (a job's
+    `python` is this venv's), token auth, no usage stats, and no drain on SIGTERM. A node's SIGTERM handler
+    otherwise drains for up to 30 s before it stops (a head never finishes draining), which every test paid
+    at teardown for a cluster it was done with."""
+    bin_dir = Path(sys.executable).parent
+    return {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        **extra,
+    }
 
 
 def free_ports(count: int) -> list[int]:

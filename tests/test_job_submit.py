@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from processes import StartupFailedError, free_ports, start_retrying
+from processes import StartupFailedError, free_ports, ray_cluster_env, start_retrying
 
 from rmoe_platform.cluster import SINGLE_MACHINE_ENV
 from rmoe_platform.results import ResultsStore
@@ -26,14 +26,7 @@ BIN = Path(sys.executable).parent
 def ray_head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
     """A token-authenticated Ray head on loopback with its own ports and temp dir."""
     temp = Path("/tmp") / f"rmoe-head-{secrets.token_hex(4)}"  # short: Ray's socket paths have a length limit
-    env = {
-        **os.environ,
-        **SINGLE_MACHINE_ENV,  # with --node-ip-address=127.0.0.1: every Ray process on loopback
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is this venv's
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
+    env = ray_cluster_env(**SINGLE_MACHINE_ENV)  # with --node-ip-address=127.0.0.1: every Ray process on loopback
     log = tmp_path_factory.mktemp("ray-head") / "head.log"  # kept: its tail says why a head died
 
     def start() -> tuple[subprocess.Popen, str]:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from processes import StartupFailedError, free_ports, start_retrying
+from processes import StartupFailedError, free_ports, ray_cluster_env, start_retrying
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -80,13 +80,7 @@ def wait_for_nodes(address: str, env: dict[str, str], nodes: list[Node], count: 
 def two_nodes(tmp_path_factory) -> Iterator[tuple[str, dict[str, str], list[Node]]]:
     logs = tmp_path_factory.mktemp("ray-logs")
     temp = Path("/tmp") / f"rmoe-2n-{secrets.token_hex(4)}"  # short: Ray's socket paths have a length limit
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
+    env = ray_cluster_env()
     nodes: list[Node] = []
     address = ""  # the head's, once it is up
 

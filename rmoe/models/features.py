@@ -61,8 +61,16 @@ class SimpleFeaturePyramid(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.from_trunk(self.trunk_features(x))
+
+    def trunk_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The ViT's last feature map, NCHW (what the trunk alone computes)."""
         last = len(self.vit.blocks) - 1
-        (feature_BCHW,) = self.vit.forward_intermediates(x, indices=[last], output_fmt="NCHW", intermediates_only=True)
+        return self.vit.forward_intermediates(x, indices=[last], output_fmt="NCHW", intermediates_only=True)
+
+    def from_trunk(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The pyramid's levels from `trunk_features`' output."""
+        (feature_BCHW,) = features
         return [level(feature_BCHW) for level in self.levels]
 
 
@@ -76,7 +84,14 @@ class SwinPyramid(nn.Module):
         self.strides = tuple(info["reduction"] for info in swin.feature_info)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.from_trunk(self.trunk_features(x))
+
+    def trunk_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four normalised stage outputs (the trunk alone computes the whole pyramid)."""
         return self.swin.forward_intermediates(x, indices=len(self.strides), norm=True, intermediates_only=True)
+
+    def from_trunk(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(features)
 
 
 def pyramid_backbone(model: nn.Module) -> SimpleFeaturePyramid | SwinPyramid:

@@ -9,6 +9,8 @@ a dense checkpoint with `moe` set is upcycled (experts = core + noise), as the R
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -117,6 +119,7 @@ class RMoEBackbone(BaseModule):
             raise ValueError(f"{type(self).__name__}: arch {spec.arch!r} is not a {self.trunk_type.__name__}")
         self.spec = spec
         self.pyramid = self.build_pyramid(trunk)
+        self._replayed_trunk: list[torch.Tensor] | None = None
 
     def build_pyramid(self, trunk: nn.Module) -> nn.Module:
         raise NotImplementedError
@@ -134,11 +137,23 @@ class RMoEBackbone(BaseModule):
         """The trunk keeps the weights it was built or loaded with (mmengine would re-initialise it)."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.pyramid(x))
+        replayed = self._replayed_trunk
+        features = self.pyramid.trunk_features(x) if replayed is None else replayed
+        return tuple(self.pyramid.from_trunk(features))
 
     def trunk_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """What the trunk alone computes for the pyramid (for cost accounting)."""
-        raise NotImplementedError
+        return self.pyramid.trunk_features(x)
+
+    @contextmanager
+    def replaying_trunk(self, features: list[torch.Tensor]) -> Iterator[None]:
+        """Within it, `forward` takes `features` as the trunk's output and does not run the trunk: cost
+        accounting counts what comes after the trunk in one pass, the trunk run once beforehand, uncounted."""
+        self._replayed_trunk = features
+        try:
+            yield
+        finally:
+            self._replayed_trunk = None
 
 
 class RMoEViT(RMoEBackbone):
@@ -157,10 +172,6 @@ class RMoEViT(RMoEBackbone):
     def trunk(self) -> nn.Module:
         return self.pyramid.vit
 
-    def trunk_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        last = len(self.trunk.blocks) - 1
-        return self.trunk.forward_intermediates(x, indices=[last], output_fmt="NCHW", intermediates_only=True)
-
 
 class RMoESwinTransformer(RMoEBackbone):
     """A (RMoE) Swin Transformer's four normalised stage outputs."""
@@ -173,9 +184,6 @@ class RMoESwinTransformer(RMoEBackbone):
     @property
     def trunk(self) -> nn.Module:
         return self.pyramid.swin
-
-    def trunk_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.pyramid(x)
 
 
 for _registry in (MMSEG_MODELS, MMDET_MODELS):

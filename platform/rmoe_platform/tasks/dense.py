@@ -145,18 +145,19 @@ class DenseTask(StageTask):
 
     def head_forward_flops(self, model: nn.Module, size: int) -> float:
         """Forward FLOPs of one image through the pyramid, neck and heads, measured (a model with weights:
-        Mask R-CNN's proposals come from its RPN). The same for a dense and an MoE trunk of one arch."""
+        Mask R-CNN's proposals come from its RPN). The same for a dense and an MoE trunk of one arch. The
+        trunk runs once, uncounted, and the counted pass starts from its output."""
         was_training = model.training
         model.eval()
         image = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
         samples = self.inputs(self.blank_batch(size))["data_samples"]
+        backbone = self._backbone(model)
         try:
             with torch.no_grad(), mm_scope(self.name):
-                with FlopCounterMode(display=False) as whole:
+                trunk_features = backbone.trunk_features(image)
+                with backbone.replaying_trunk(trunk_features), FlopCounterMode(display=False) as after_trunk:
                     model(image, samples, mode="tensor")
-                with FlopCounterMode(display=False) as trunk_only:
-                    self._backbone(model).trunk_features(image)
         finally:
             rmoe.collect_moe_aux(model)
             model.train(was_training)
-        return float(max(whole.get_total_flops() - trunk_only.get_total_flops(), 0))
+        return float(after_trunk.get_total_flops())
