@@ -4,8 +4,8 @@ per stage on local Ray), part by part from the stage's measured cost ledger (`rm
 Runs the experiment preset (default: the demo, every pipeline) on a local Ray into a temporary results store
 and prints, per stage, the ledger's parts: start (fit called → worker entered: controller, worker group,
 process group, dataset split), setup (build or restore the model), ingest_start (waiting for each epoch's
-first batch), checkpoint, teardown (final report → fit returned), then overhead ÷ wall time. Stages are
-trained, not read from a cache: the results store and checkpoints are fresh.
+and each validation's first batch), checkpoint, teardown (final report → fit returned), then overhead ÷ wall
+time. Stages are trained, not read from a cache: the results store and checkpoints are fresh.
 
 Stages that train one after the other in one fit (`stage.run.run_chain`: a core and the stages built on
 it) are charged Ray Train's start once, on the fit's first stage; the summary gives those first stages and

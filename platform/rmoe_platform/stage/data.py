@@ -3,6 +3,7 @@ seeded per epoch; val: in order) and the ledger actor that counts their undecoda
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,16 +51,21 @@ def stage_data(opened: OpenDataset, task: str, spec: DataSpec, img_size: int, se
     )
 
 
-def ingest_config() -> DataConfig:
-    """Every dataset goes through Ray Data's streaming split, one worker or several; stream order preserved, so
-    the seeded shuffle gives the same order on every run.
+def ingest_config(train_datasets: Sequence[str] = ("train",), num_workers: int = 1) -> DataConfig:
+    """Training datasets (`train_datasets`) go through Ray Data's streaming split, one worker or several;
+    validation datasets too on several workers (each evaluates its shard). Stream order is preserved, so the
+    seeded shuffle gives the same order on every run.
 
-    Why split even for one worker (measured, do not undo without measuring training): unsplit, the split's
-    coordinator actor goes, and with it ~2 s of each epoch's first batch and of each validation, but the
-    streaming executor then runs inside the training process and slows the steps: the demo's 288-step upstream
-    stages trained in 34.1 s (dense) and 71.0 s (MoE) unsplit against 25.7 s and 36.4 s split
+    Why split training even for one worker (measured, do not undo without measuring training): unsplit, the
+    split's coordinator actor goes, and with it ~2 s of each epoch's first batch, but the streaming executor
+    then runs inside the training process and slows the steps: the demo's 288-step upstream stages trained in
+    34.1 s (dense) and 71.0 s (MoE) unsplit against 25.7 s and 36.4 s split
     (`benchmarks/stage_overhead.py --config configs/demo.yaml --pipelines dense,moe`, one run each, same
-    machine), which would also skew the compared compute against the MoE.
+    machine), which would also skew the compared compute against the MoE. A validation runs no training, so
+    a single worker reads it unsplit, without the coordinator's start.
     """
     limits = DataContext.get_current().execution_options.resource_limits
-    return DataConfig(execution_options=ExecutionOptions(preserve_order=True, resource_limits=limits))
+    split = "all" if num_workers > 1 else list(train_datasets)
+    return DataConfig(
+        datasets_to_split=split, execution_options=ExecutionOptions(preserve_order=True, resource_limits=limits)
+    )

@@ -193,7 +193,7 @@ def run_chain(
             scaling_config=head.scaling.ray_scaling_config(),
             run_config=_run_config(head, fit_run, access, callbacks or [], keep, max_failures),
             datasets=datasets,
-            dataset_config=ingest_config(),
+            dataset_config=ingest_config([p.train_dataset for p in payloads], head.scaling.num_workers),
         )
         fit_started_at = time.time()
         try:

@@ -7,6 +7,7 @@ import gc
 import os
 import tempfile
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,7 +253,19 @@ def validate(ctx: WorkerContext, export: Path | None = None) -> dict[str, float]
         pin_memory=ctx.device.type == "cuda",
     )
     with ctx.precision.autocast():
-        return ctx.task.evaluate(ctx.model, batches, ctx.device, export=export)
+        return ctx.task.evaluate(ctx.model, _lap_first_batch(batches, ctx.clock), ctx.device, export=export)
+
+
+def _lap_first_batch(batches: Iterable[Any], clock: LapClock) -> Iterator[Any]:
+    """`batches`, with the wait for the first one (Ray Data starting the split's pipeline) given to
+    `ingest_start`, as for a training epoch: overhead, not the evaluation's compute."""
+    iterator = iter(batches)
+    first = next(iterator, None)
+    clock.lap("ingest_start")
+    if first is None:
+        return
+    yield first
+    yield from iterator
 
 
 def residual_telemetry(ctx: WorkerContext) -> dict[str, float]:
