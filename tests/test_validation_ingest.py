@@ -11,7 +11,7 @@ import pytest
 
 from rmoe_platform.cost.ledger import LapClock
 from rmoe_platform.stage.data import ingest_config
-from rmoe_platform.stage.worker.loop import _lap_first_batch
+from rmoe_platform.stage.worker.loop import IngestWait, _lap_first_batch
 
 
 def slow_start(batches: int, wait: float) -> Iterator[int]:
@@ -22,7 +22,7 @@ def slow_start(batches: int, wait: float) -> Iterator[int]:
 def test_the_wait_for_the_first_validation_batch_is_ingest_start() -> None:
     clock = LapClock()
     seen = []
-    for batch in _lap_first_batch(slow_start(3, 0.5), clock):
+    for batch in _lap_first_batch(slow_start(3, 0.5), IngestWait(clock)):
         seen.append(batch)
         time.sleep(0.05)  # the evaluation's compute
     clock.lap("eval")
@@ -34,7 +34,7 @@ def test_the_wait_for_the_first_validation_batch_is_ingest_start() -> None:
 
 def test_an_empty_validation_still_laps_its_wait() -> None:
     clock = LapClock()
-    assert list(_lap_first_batch(slow_start(0, 0.1), clock)) == []
+    assert list(_lap_first_batch(slow_start(0, 0.1), IngestWait(clock))) == []
     assert clock.seconds["ingest_start"] >= 0.1
 
 
@@ -44,3 +44,22 @@ def test_one_worker_reads_validation_unsplit_several_split_it(workers: int, spli
     assert config._datasets_to_split == split
     for dataset in ("train_0", "val_0"):
         assert config._resolve_execution_options(dataset).preserve_order, "the seeded shuffle's order is kept"
+
+
+def test_the_fits_coordinators_still_starting_are_waited_for_at_the_first_batch(ray_local) -> None:
+    """The split coordinators a fit opened up front: the first batch of its first stage waits until they are
+    up, charged to ingest_start, so no training is timed while their processes start; later batches don't."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class SlowToStart:
+        def __init__(self) -> None:
+            time.sleep(1.0)
+
+    clock = LapClock()
+    ingest = IngestWait(clock, [SlowToStart.remote(), SlowToStart.remote()])
+    ingest.first_batch_arrived()
+    assert clock.seconds["ingest_start"] >= 1.0 and ingest.starting == []
+    waited = clock.seconds["ingest_start"]
+    ingest.first_batch_arrived()  # a later epoch: nothing left to wait for
+    assert clock.seconds["ingest_start"] - waited < 0.5
