@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 import torch
@@ -74,6 +75,49 @@ def test_a_damaged_checkpoint_is_never_resumed_from(tmp_path: Path, damage: str)
     messages: list[str] = []
     assert find_resume_point(str(tmp_path), prefix, finished_runs=(), access=None, log=messages.append) is None
     assert len(messages) == 1 and "passed over" in messages[0]
+
+
+class LaggingListing(pafs.FileSystemHandler):
+    """A local filesystem whose lookups do not see files it already serves, as an object store's may not
+    while an upload completes: a check must judge a file by one view of it, the opened file's."""
+
+    def __init__(self) -> None:
+        self.local = pafs.LocalFileSystem()
+
+    def get_type_name(self) -> str:
+        return "lagging"
+
+    def normalize_path(self, path: str) -> str:
+        return path
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return [pafs.FileInfo(path, pafs.FileType.NotFound) for path in paths]
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self.local.get_file_info(selector)
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return self.local.open_input_file(path)
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return self.local.open_input_stream(path)
+
+    def _read_only(self, *args: object) -> None:
+        raise NotImplementedError("read-only")
+
+    copy_file = create_dir = delete_dir = delete_dir_contents = delete_file = _read_only
+    delete_root_dir_contents = move = open_append_stream = open_output_stream = _read_only
+
+
+def test_a_checkpoint_is_judged_by_the_files_it_serves_while_their_listing_lags(tmp_path: Path) -> None:
+    whole, cut = tmp_path / "checkpoint_00000004", tmp_path / "checkpoint_00000008"
+    write_checkpoint(whole, 4)
+    write_checkpoint(cut, 8)
+    full = (cut / MODEL_FILE).read_bytes()
+    (cut / MODEL_FILE).write_bytes(full[:-100])
+    fs = pafs.PyFileSystem(LaggingListing())
+    assert checkpoint_problem(fs, str(whole)) is None
+    assert checkpoint_problem(fs, str(cut)) == f"{MODEL_FILE} is truncated ({len(full) - 100} bytes of {len(full)})"
 
 
 def test_no_storage_yet_means_nothing_to_resume(tmp_path: Path) -> None:

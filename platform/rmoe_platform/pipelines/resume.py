@@ -101,10 +101,13 @@ def checkpoint_problem(fs: pafs.FileSystem, directory: str) -> str | None:
 
 
 def _safetensors_problem(fs: pafs.FileSystem, path: str) -> str | None:
-    """Compare a safetensors file's length with what its header declares (8-byte length, JSON, data)."""
+    """Compare a safetensors file's length with what its header declares (8-byte length, JSON, data).
+
+    The length is the opened file's own, not a separate lookup's: an object store may not list an object
+    that it already serves (an upload completing), and the two views must be of the same file."""
     try:
-        size = fs.get_file_info(path).size
         with fs.open_input_file(path) as f:
+            size = f.size()
             head = f.read(8)
             if len(head) < 8:
                 return f"is truncated ({size} bytes)"

@@ -69,10 +69,14 @@ class WorkerContext:
     scaler: torch.amp.GradScaler | None
     rank: int
     world: int
-    clock: LapClock  # where this worker's time goes (the stage's cost ledger)
     payload: WorkerPayload
     ingest: IngestWait
     initial: dict[str, float] = field(default_factory=dict)  # validation before training, if asked
+
+    @property
+    def clock(self) -> LapClock:
+        """Where this worker's time goes (the stage's cost ledger)."""
+        return self.ingest.clock
 
 
 @dataclass
@@ -158,9 +162,7 @@ def train_one_stage(
             pin_memory=ctx.device.type == "cuda",
         )
         clock.lap("train")
-        for batch in batches:
-            if progress.step == epoch_start_step:
-                ctx.ingest.first_batch_arrived()
+        for batch in _lap_first_batch(batches, ctx.ingest):
             if progress.step >= total_steps:
                 break
             _maybe_inject_fault(config, ctx.rank, progress.step)
@@ -228,7 +230,6 @@ def _setup(payload: WorkerPayload, resume_dir: Path | None, ingest: IngestWait) 
         precision.grad_scaler(),
         collectives.rank(),
         collectives.world_size(),
-        ingest.clock,
         payload,
         ingest,
     )
