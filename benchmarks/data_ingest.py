@@ -91,7 +91,7 @@ def ray_data_rate(uri: str, access, size: int, batch: int, storage: str) -> tupl
         scaling_config=ScalingConfig(num_workers=1),
         run_config=RunConfig(storage_path=storage),
         datasets={"train": dataset},
-        dataset_config=ingest_config(),  # as a stage reads its data
+        dataset_config=ingest_config(["train"], num_workers=1),  # as a stage reads its data
     )
     try:
         trainer.fit()

@@ -51,7 +51,7 @@ def stage_data(opened: OpenDataset, task: str, spec: DataSpec, img_size: int, se
     )
 
 
-def ingest_config(train_datasets: Sequence[str] = ("train",), num_workers: int = 1) -> DataConfig:
+def ingest_config(train_datasets: Sequence[str], num_workers: int) -> DataConfig:
     """Training datasets (`train_datasets`) go through Ray Data's streaming split, one worker or several;
     validation datasets too on several workers (each evaluates its shard). Stream order is preserved, so the
     seeded shuffle gives the same order on every run.

@@ -131,7 +131,7 @@ def _release_stage_memory() -> None:
 
 
 def train_one_stage(
-    payload: WorkerPayload, restart: ray.train.Checkpoint | None, starting_coordinators: list[Any] | None = None
+    payload: WorkerPayload, restart: ray.train.Checkpoint | None, starting_coordinators: list[Any]
 ) -> None:
     """Build (or resume) the model, parallelize it, train to the budget, evaluate, checkpoint, report.
     `starting_coordinators`: split coordinators of the fit still starting (waited for at the first batch)."""
@@ -139,7 +139,7 @@ def train_one_stage(
     config, access, total_steps = payload.config, payload.s3, payload.total_steps
     with tempfile.TemporaryDirectory() as tmp:
         resume_dir = _resume_dir(restart, payload.resume_from, Path(tmp), access)
-        ctx = _setup(payload, resume_dir, IngestWait(clock, list(starting_coordinators or [])))
+        ctx = _setup(payload, resume_dir, IngestWait(clock, starting_coordinators))
         progress, resumed_from = _resume(ctx, resume_dir)
     train_shard = ray.train.get_dataset_shard(payload.train_dataset)
     clock.lap("setup")
