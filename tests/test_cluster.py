@@ -41,7 +41,8 @@ PROBE = textwrap.dedent(
             return ray.util.get_node_ip_address(), sys.argv
 
         def env(self):
-            return {name: os.environ.get(name) for name in [*cluster.TRAIN_CONTROLLER_ENV, "PROBE"]}
+            names = [*cluster.TRAIN_CONTROLLER_ENV, *cluster.LOCAL_TRAIN_ENV, "PROBE"]
+            return {name: os.environ.get(name) for name in names}
 
     task_ip, task_args = ray.get(task_argv.remote())
     actor_ip, actor_args = ray.get(Actor.remote().argv.remote())
@@ -86,5 +87,6 @@ def test_every_local_ray_process_runs_on_loopback(how: str) -> None:
     not_loopback = {name: ips for name, ips in processes.items() if set(ips) - {"127.0.0.1"}}
     assert not_loopback == {}, f"processes with another address: {not_loopback}"
     assert reported == {"task": "127.0.0.1", "actor": "127.0.0.1", "driver": "127.0.0.1", "nodes": ["127.0.0.1"]}
-    # Ray Train's controller polls at the interval set for the job (the stages' teardown depends on it)
-    assert seen["controller_env"] == {**cluster.TRAIN_CONTROLLER_ENV, "PROBE": "1"}
+    # Ray Train's controller polls at the interval set for the job (the stages' teardown depends on it), and
+    # on a local Ray starts no preemption watcher
+    assert seen["controller_env"] == {**cluster.TRAIN_CONTROLLER_ENV, **cluster.LOCAL_TRAIN_ENV, "PROBE": "1"}

@@ -247,7 +247,7 @@ def entrypoint_workload(job: Manifest) -> Workload:
         return Workload(pipeline_cli.load_experiment(args))
     if argv[1] == "jobs/sweep.py":
         from rmoe_platform.cli import sweep as sweep_cli
-        from rmoe_platform.sweep import SweepConfig
+        from rmoe_platform.sweep.config import SweepConfig
 
         args = sweep_cli.parser(None).parse_args(argv[2:])
         overrides = [*args.overrides, *([f"experiment.results={args.results}"] if args.results else [])]

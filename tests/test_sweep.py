@@ -21,7 +21,8 @@ import yaml
 from processes import descendants
 
 from rmoe_platform.results import ResultsStore
-from rmoe_platform.sweep import SweepConfig, SweepDriver
+from rmoe_platform.sweep.config import SweepConfig
+from rmoe_platform.sweep.driver import SweepDriver
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"

@@ -12,8 +12,8 @@ import yaml
 from rmoe_platform.cli import sweep as sweep_cli
 from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.results.analysis import pareto_front
-from rmoe_platform.sweep import SweepConfig, SweepDriver
-from rmoe_platform.sweep.driver import expected_trials
+from rmoe_platform.sweep.config import SweepConfig
+from rmoe_platform.sweep.driver import SweepDriver, expected_trials
 from rmoe_platform.sweep.plan import SEED_PARAM, representative_settings, trial_key
 from rmoe_platform.sweep.report import best_per_budget, format_tables, pareto_rows, setting_rows
 from rmoe_platform.sweep.space import parse_space
@@ -233,7 +233,7 @@ def test_replicates_of_a_setting_are_one_entry_of_the_tables() -> None:
 
 def test_optuna_samples_the_space_reproducibly(tmp_path: Path) -> None:
     from rmoe_platform.sweep.driver import search_algorithm
-    from rmoe_platform.sweep.trial import METRIC
+    from rmoe_platform.sweep.reporting import METRIC
 
     space = {
         "num_experts": {"choice": [2, 4]},

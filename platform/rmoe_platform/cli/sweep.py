@@ -40,7 +40,8 @@ def main(argv: list[str], default_config: Path | None = None) -> int:
     args = parser(default_config).parse_args(argv)
     started = time.perf_counter()
     try:
-        from rmoe_platform.sweep import SweepConfig, SweepDriver
+        from rmoe_platform.sweep.config import SweepConfig
+        from rmoe_platform.sweep.driver import SweepDriver
 
         if args.config is None:
             raise ConfigError("--config: a sweep file is required")

@@ -1,6 +1,7 @@
-"""Ray Tune sweeps over an RMoE pipeline's settings (experts, residual budget, top-k, capacity, …)."""
+"""Ray Tune sweeps over an RMoE pipeline's settings (experts, residual budget, top-k, capacity, …):
+`config` (the sweep's file), `plan`, `driver` (`SweepDriver`), `trial` (one Tune trial), `reporting` (what a
+trial tells Tune), `progress` and `report`.
 
-from rmoe_platform.sweep.config import SchedulerSpec, SearchSpec, SweepConfig
-from rmoe_platform.sweep.driver import SweepDriver, SweepReport
-
-__all__ = ["SchedulerSpec", "SearchSpec", "SweepConfig", "SweepDriver", "SweepReport"]
+This file imports nothing: Ray Train's controller imports `reporting` to unpickle a trial's callback, and a
+package that imported its driver here would drag the whole runner (torch, timm) into every fit's start.
+"""

@@ -26,7 +26,8 @@ from rmoe_platform.sweep.config import SweepConfig
 from rmoe_platform.sweep.plan import DATA_CPUS_PER_TRIAL, DRIVER_CPUS_PER_TRIAL, SweepPlan, build_plan
 from rmoe_platform.sweep.progress import SweepProgress
 from rmoe_platform.sweep.report import format_tables, trial_rows
-from rmoe_platform.sweep.trial import METRIC, TIME_ATTR, run_trial
+from rmoe_platform.sweep.reporting import METRIC, TIME_ATTR
+from rmoe_platform.sweep.trial import run_trial
 
 STATE_FILE = "rmoe_sweep.json"  # beside Tune's state: the sweep's fingerprint, checked by --resume
 

@@ -20,7 +20,7 @@ from rmoe_platform.results import ResultsStore
 from rmoe_platform.results.rows import RowContext, git_commit, stopped_trial_row
 from rmoe_platform.storage.s3 import S3Access
 from rmoe_platform.sweep.plan import split_seed, trial_key
-from rmoe_platform.sweep.trial import DONE, METRIC, PRIOR_COST_PREFIX, TIME_ATTR
+from rmoe_platform.sweep.reporting import DONE, METRIC, PRIOR_COST_PREFIX, TIME_ATTR
 
 STATUS_LABELS = {"TERMINATED": "ended", "ERROR": "failed", "RUNNING": "running", "PENDING": "pending"}
 
