@@ -1,14 +1,18 @@
 """A local Ray started the way the tests (`start_local`) and the jobs (`connect`) start it binds every process
 to loopback: the node address each process runs with is read from the running processes themselves
 (command lines of the GCS server, raylet, dashboard and agents; `sys.argv` of task and actor workers,
-whose command line Ray overwrites with their title), in a fresh interpreter that starts and stops its Ray."""
+whose command line Ray overwrites with their title), in a fresh interpreter that starts and stops its Ray,
+also where an earlier `ray start` left its address behind."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,9 +72,23 @@ PROBE = textwrap.dedent(
 )
 
 
+@pytest.fixture
+def ray_temp_dir() -> Iterator[Path]:
+    """A Ray temp folder (`RAY_TMPDIR`) where a `ray start` recorded a cluster that has since stopped: a local
+    Ray must start anyway, not join it. Short, under /tmp: Ray's socket paths inside it must stay under 108
+    bytes, which a pytest tmp_path can pass."""
+    root = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    (root / "ray").mkdir()
+    (root / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # the discard port: nothing answers
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.mark.parametrize("how", ["tests", "jobs"])
-def test_every_local_ray_process_runs_on_loopback(how: str) -> None:
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "PATH": "/usr/bin:/bin"}
+def test_every_local_ray_process_runs_on_loopback(how: str, ray_temp_dir: Path) -> None:
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "PATH": "/usr/bin:/bin", "RAY_TMPDIR": str(ray_temp_dir)}
     out = subprocess.run(
         [sys.executable, "-c", PROBE, how, str(Path(__file__).parent)],
         capture_output=True,

@@ -59,12 +59,17 @@ def start_local(
 
     `include_dashboard`: the dashboard process serves Ray's state API, which Ray Train's placement-group
     cleaner needs (without it, a trial stopped by ASHA would keep its workers' CPUs reserved for good).
+
+    Always a new Ray (`address="local"`): without an address, `ray.init` joins the cluster the last `ray start`
+    on this machine recorded (`<temp dir>/ray/ray_current_cluster`), whoever started it, and then refuses
+    `num_cpus`, or fails on a cluster since stopped.
     """
     import ray
 
     runtime_env = _with_controller_env(runtime_env, LOCAL_TRAIN_ENV)
     with _single_machine_mode():
         return ray.init(
+            address="local",
             num_cpus=num_cpus,
             include_dashboard=include_dashboard,
             dashboard_host=LOOPBACK,
