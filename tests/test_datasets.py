@@ -356,6 +356,59 @@ def test_corrupt_images_are_skipped_and_counted_then_fail_past_the_fraction(ray_
         decoded(uri, "train", max_bad_fraction=0.0)
 
 
+@pytest.mark.slow
+def test_a_fits_stages_share_one_ledger_and_each_counts_and_fails_on_its_own(ray_local, tmp_path: Path) -> None:
+    from ray.util.state import list_actors
+
+    from rmoe_platform.config.stage import DataSpec
+    from rmoe_platform.stage.data import StageInput, fit_data
+
+    r = recipe("classification", num_train=40)
+    clean, dirty = str(tmp_path / "clean"), str(tmp_path / "dirty")
+    for uri in (clean, dirty):
+        write_dataset(uri, r.plan(Path(uri).name), r.rows, progress=False)
+
+    def corrupt(table: pa.Table) -> pa.Table:
+        images = table.column("image").to_pylist()
+        images[3] = images[3][:40]  # truncated PNG
+        return table.set_column(0, "image", pa.array(images, pa.binary()))
+
+    _rewrite_shard(tmp_path / "dirty" / "train" / "part-00001-of-00004.parquet", corrupt)
+
+    def stages(dirty_fraction: float) -> list[StageInput]:
+        def stage(uri: str, fraction: float, suffix: str) -> StageInput:
+            spec = DataSpec(uri, max_bad_fraction=fraction)
+            return StageInput(open_dataset(uri), "classification", spec, 32, 0, f"train{suffix}", f"val{suffix}")
+
+        return [stage(clean, 0.0, ""), stage(dirty, dirty_fraction, "_1")]
+
+    def ledgers() -> int:
+        """DecodeLedger actors this Ray has had, alive or not (this Ray's address: another process's Ray may run)."""
+        gcs = ray.get_runtime_context().gcs_address
+        return len(list_actors(address=gcs, filters=[("class_name", "=", "DecodeLedger")], limit=10_000))
+
+    before = ledgers()
+    data = fit_data(stages(0.05))  # the second stage may skip 2 of its 40 training rows
+    try:
+        sizes = {name: len(dataset.take_all()) for name, dataset in data.datasets.items()}
+        assert sizes == {"train": 40, "val": 8, "train_1": 39, "val_1": 8}
+        assert ledgers() == before + 1, "one ledger for the fit's two stages"
+        assert data.skipped_rows() == [{"train": 0, "val": 0}, {"train": 1, "val": 0}]
+        assert data.failure() is None
+    finally:
+        data.close()
+    data = fit_data(stages(0.0))
+    try:
+        data.datasets["train"].take_all()  # the clean stage passes whatever the other's budget
+        with pytest.raises(Exception, match=r"dirty/train/part-00001-of-00004\.parquet' row 3 \(id 13\)"):
+            data.datasets["train_1"].take_all()
+        failure = data.failure()
+        assert failure is not None and "in split 'train' exceed data.max_bad_fraction=0.0" in str(failure)
+        assert data.skipped_rows() == [{"train": 0, "val": 0}, {"train": 1, "val": 0}]
+    finally:
+        data.close()
+
+
 def test_wrong_schema_and_empty_datasets_are_refused(tmp_path: Path) -> None:
     r = recipe("classification")
     uri = str(tmp_path / "ds")

@@ -81,3 +81,26 @@ def test_feature_pyramid_is_channels_first_at_strides_4_to_32(name: str, size: i
     assert [f.shape[-1] for f in features] == [size // s for s in (4, 8, 16, 32)]
     assert all(f.shape[0] == 2 and f.dim() == 4 for f in features)
     assert list(backbone.strides) == [4, 8, 16, 32]
+
+
+@pytest.mark.parametrize("name", ["rmoe_vit_nano_patch4_32", "rmoe_swin_nano_patch4_window4_64"])
+def test_a_meta_device_build_runs_no_weight_init_and_keeps_every_shape(name: str, monkeypatch) -> None:
+    """Cost projections and config checks build models on the meta device, where an init computes nothing."""
+    from timm.models import VisionTransformer
+    from timm.models.swin_transformer import SwinTransformer
+
+    inits: list[str] = []
+    for cls in (VisionTransformer, SwinTransformer):
+        real = cls.init_weights
+        monkeypatch.setattr(
+            cls, "init_weights", lambda self, *a, _real=real, **k: (inits.append("init"), _real(self, *a, **k))[1]
+        )
+    on_cpu = timm.create_model(name, num_experts=4)
+    assert inits == ["init"]
+    with torch.device("meta"):
+        on_meta = timm.create_model(name, num_experts=4)
+    assert inits == ["init"], "no init on the meta device"
+    assert {k: v.shape for k, v in on_meta.state_dict().items()} == {k: v.shape for k, v in on_cpu.state_dict().items()}
+    with torch.device("meta"):
+        timm.create_model(name, num_experts=4, weight_init="jax" if "vit" in name else "")
+    assert inits == ["init", "init"], "a weight_init the user gives stands"

@@ -118,23 +118,25 @@ def _check_shards(opened: OpenDataset, field: str) -> None:
 
 @ray.remote(num_cpus=0)
 class DecodeLedger:
-    """Counts undecodable rows per split (each row once, however many epochs re-read it)."""
+    """Counts undecodable rows per key, each row once however many epochs re-read it. A key is a split (one
+    dataset's ledger) or a fit's dataset name (one ledger for every stage of a fit: one actor to start, not
+    one per stage)."""
 
     def __init__(self, allowed: dict[str, int]) -> None:
         self.allowed = allowed
-        self.bad: dict[str, set[tuple[str, int]]] = {split: set() for split in allowed}
+        self.bad: dict[str, set[tuple[str, int]]] = {key: set() for key in allowed}
         self.error: str | None = None
 
-    def record(self, split: str, rows: list[tuple[str, int]]) -> tuple[int, int]:
-        self.bad[split].update(rows)
-        return len(self.bad[split]), self.allowed[split]
+    def record(self, key: str, rows: list[tuple[str, int]]) -> tuple[int, int]:
+        self.bad[key].update(rows)
+        return len(self.bad[key]), self.allowed[key]
 
     def fail(self, message: str) -> None:
         """The first over-budget error, for the driver (Ray truncates errors raised deep in a worker)."""
         self.error = self.error or message
 
     def counts(self) -> dict[str, int]:
-        return {split: len(rows) for split, rows in self.bad.items()}
+        return {key: len(rows) for key, rows in self.bad.items()}
 
     def failure(self) -> str | None:
         return self.error
@@ -153,10 +155,14 @@ class DecodeSpec:
 
 
 class DecodeBatch:
-    """The `map_batches` function: decode (and transform) each row; drop and count bad rows."""
+    """The `map_batches` function: decode (and transform) each row; drop and count bad rows in the ledger
+    under `ledger_key` (default: the split)."""
 
-    def __init__(self, spec: DecodeSpec, split: str, opened: OpenDataset, ledger: Any) -> None:
+    def __init__(
+        self, spec: DecodeSpec, split: str, opened: OpenDataset, ledger: Any, ledger_key: str | None = None
+    ) -> None:
         self.spec, self.split, self.opened, self.ledger = spec, split, opened, ledger
+        self.ledger_key = ledger_key or split
         self.decode_row: Callable[[dict[str, Any], np.random.Generator], dict[str, Any]] = getattr(
             self, f"_{spec.task}"
         )
@@ -175,7 +181,7 @@ class DecodeBatch:
         return _stack(rows, self.spec)
 
     def _record(self, bad: list[tuple[str, int, str]]) -> None:
-        count, allowed = ray.get(self.ledger.record.remote(self.split, [(path, rid) for path, rid, _ in bad]))
+        count, allowed = ray.get(self.ledger.record.remote(self.ledger_key, [(path, rid) for path, rid, _ in bad]))
         if count > allowed:
             path, rid, reason = bad[-1]
             shard = self._display(path)
@@ -343,10 +349,11 @@ def read_split(
     *,
     seed: int | None = None,
     batch_size: int = 256,
+    ledger_key: str | None = None,
 ) -> ray.data.Dataset:
     """The split as a Ray Dataset of decoded rows; `seed` shuffles the shard order per epoch (train only).
     `batch_size` is rows per decoded block a task yields (bounds a block's memory for large shards; not the
-    training batch).
+    training batch). Bad rows count in `ledger` under `ledger_key` (default: the split).
 
     One block per shard, each read and decoded by one task (`read_and_decode`): the card already lists
     the shards and their row counts, so nothing lists files or reads footers when an epoch starts. Ray
@@ -358,6 +365,7 @@ def read_split(
         "split": split,
         "opened": opened,
         "ledger": ledger,
+        "ledger_key": ledger_key,
         "shard_paths": shards,
         "seed": seed,
         "rows_per_batch": batch_size,
@@ -386,6 +394,7 @@ def read_and_decode(
     split: str,
     opened: OpenDataset,
     ledger: Any,
+    ledger_key: str | None,
     shard_paths: list[str],
     seed: int | None,
     rows_per_batch: int,
@@ -394,7 +403,7 @@ def read_and_decode(
     epoch's shard at each position and yield it decoded, `rows_per_batch` rows at a time."""
     order = shard_order(len(shard_paths), seed, execution_epoch() if seed is not None else 0)
     fs, _ = opened.filesystem()
-    decode = DecodeBatch(spec, split, opened, ledger)
+    decode = DecodeBatch(spec, split, opened, ledger, ledger_key)
     for position in batch["position"]:
         path = shard_paths[order[int(position)]]
         table = pq.read_table(path, columns=SPLIT_COLUMNS[opened.card.task], filesystem=fs)
@@ -405,9 +414,14 @@ def read_and_decode(
             yield decode(columns)
 
 
+def bad_row_budgets(opened: OpenDataset, max_bad_fraction: float, splits: tuple[str, ...]) -> dict[str, int]:
+    """Undecodable rows each split may have before its stage fails."""
+    return {s: int(max_bad_fraction * opened.card.split(s).num_rows) for s in splits}
+
+
 def create_ledger(opened: OpenDataset, max_bad_fraction: float, splits: tuple[str, ...] = ("train", "val")) -> Any:
-    allowed = {s: int(max_bad_fraction * opened.card.split(s).num_rows) for s in splits}
-    return DecodeLedger.remote(allowed)
+    """The ledger of one dataset's splits, keyed by split."""
+    return DecodeLedger.remote(bad_row_budgets(opened, max_bad_fraction, splits))
 
 
 class DetectionCollate(NumpyBatchCollateFn):

@@ -1,5 +1,6 @@
-"""A stage's data on the driver: the streaming Ray Datasets its Train workers read (train: shard order
-seeded per epoch; val: in order) and the ledger actor that counts their undecodable rows."""
+"""A fit's data on the driver: the streaming Ray Datasets its Train workers read (each stage's train split:
+shard order seeded per epoch; its val split: in order) and the one ledger actor that counts their undecodable
+rows, keyed by the fit's dataset names."""
 
 from __future__ import annotations
 
@@ -13,21 +14,54 @@ from ray.data import DataContext, ExecutionOptions
 from ray.train import DataConfig
 
 from rmoe_platform.config.stage import DataSpec
-from rmoe_platform.datasets.ingest import CorruptDataError, DecodeSpec, OpenDataset, create_ledger, read_split
+from rmoe_platform.datasets.ingest import (
+    CorruptDataError,
+    DecodeLedger,
+    DecodeSpec,
+    OpenDataset,
+    bad_row_budgets,
+    read_split,
+)
+
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """What one stage of a fit reads, and the names the fit gives its two splits (`WorkerPayload`'s)."""
+
+    opened: OpenDataset
+    task: str
+    spec: DataSpec
+    img_size: int
+    seed: int
+    train_name: str
+    val_name: str
+
+    @property
+    def names(self) -> dict[str, str]:
+        """The fit's dataset name of each split."""
+        return {"train": self.train_name, "val": self.val_name}
 
 
 @dataclass
-class StageData:
-    """The Ray Datasets of a stage and the ledger that counts their undecodable rows."""
+class FitData:
+    """The Ray Datasets of a fit's stages, by the fit's dataset names, and the ledger of their bad rows.
+
+    One ledger for the fit, not one per stage: each is an actor process to start (about 1 s of CPU), and a
+    fit's datasets are all set up as it starts, so a chain's ledgers competed with its first stage's start."""
 
     datasets: dict[str, ray.data.Dataset]
     ledger: Any
+    stages: tuple[StageInput, ...]
 
-    def skipped_rows(self) -> dict[str, int]:
-        return ray.get(self.ledger.counts.remote())
+    def skipped_rows(self) -> list[dict[str, int]]:
+        """Each stage's undecodable rows per split, in stage order."""
+        counts = ray.get(self.ledger.counts.remote())
+        return [{split: counts[name] for split, name in stage.names.items()} for stage in self.stages]
 
     def failure(self) -> CorruptDataError | None:
-        """Why the data failed the run, if it did (too many undecodable rows)."""
+        """Why the data failed the fit, if it did (too many undecodable rows in a stage's split)."""
         message = ray.get(self.ledger.failure.remote())
         return None if message is None else CorruptDataError(message)
 
@@ -35,20 +69,32 @@ class StageData:
         ray.kill(self.ledger)
 
 
-def stage_data(opened: OpenDataset, task: str, spec: DataSpec, img_size: int, seed: int) -> StageData:
-    """Train (shard order and augmentation seeded by `seed` and the epoch) and validation (in order) splits."""
-    ledger = create_ledger(opened, spec.max_bad_fraction)
+def fit_data(stages: Sequence[StageInput]) -> FitData:
+    """Each stage's train split (shard order and augmentation seeded by its seed and the epoch) and val split
+    (in order), counted in one ledger."""
+    budgets: dict[str, int] = {}
+    for stage in stages:
+        for split, budget in bad_row_budgets(stage.opened, stage.spec.max_bad_fraction, SPLITS).items():
+            budgets[stage.names[split]] = budget
+    ledger = DecodeLedger.remote(budgets)
+    try:
+        datasets: dict[str, ray.data.Dataset] = {}
+        for stage in stages:
 
-    def decode(mode: str) -> DecodeSpec:
-        return DecodeSpec(task, mode, img_size, spec.augment, spec.max_bad_fraction, seed)
+            def decode(mode: str, stage: StageInput = stage) -> DecodeSpec:
+                spec = stage.spec
+                return DecodeSpec(stage.task, mode, stage.img_size, spec.augment, spec.max_bad_fraction, stage.seed)
 
-    return StageData(
-        {
-            "train": read_split(opened, "train", decode("train"), ledger, seed=seed),
-            "val": read_split(opened, "val", decode("eval"), ledger),
-        },
-        ledger,
-    )
+            datasets[stage.train_name] = read_split(
+                stage.opened, "train", decode("train"), ledger, seed=stage.seed, ledger_key=stage.train_name
+            )
+            datasets[stage.val_name] = read_split(
+                stage.opened, "val", decode("eval"), ledger, ledger_key=stage.val_name
+            )
+    except BaseException:
+        ray.kill(ledger)
+        raise
+    return FitData(datasets, ledger, tuple(stages))
 
 
 def ingest_config(train_datasets: Sequence[str], num_workers: int) -> DataConfig:

@@ -30,7 +30,7 @@ from rmoe_platform.cost.devices import DEVICES, DeviceSpec
 from rmoe_platform.cost.ledger import LEDGER_PREFIX, StageLedger, pop_ledger
 from rmoe_platform.main_thread import off_the_main_thread
 from rmoe_platform.stage.checkpoint_names import checkpoint_dir_name, owner_prefix, parse_checkpoint_dir
-from rmoe_platform.stage.data import StageData, ingest_config, stage_data
+from rmoe_platform.stage.data import FitData, StageInput, fit_data, ingest_config
 from rmoe_platform.stage.payload import WorkerPayload, to_loop_config
 from rmoe_platform.stage.prepare import PreparedStage, prepare_stage
 from rmoe_platform.stage.retention import prune_checkpoints
@@ -176,23 +176,14 @@ def run_chain(
     keep = head.checkpoint.keep if len(links) == 1 else None  # a chain prunes per stage (Ray would per fit)
     max_failures = max(link.config.max_failures for link in links)
     error: Exception | None = None
-    data: list[StageData] = []
+    data = fit_data([_stage_input(stage, payload) for stage, payload in zip(prepared, payloads, strict=True)])
     try:
-        for p in prepared:
-            data.append(stage_data(p.dataset, p.config.task, p.config.data, p.config.data.img_size, p.config.seed))
-        datasets = {
-            name: dataset
-            for payload, stage_datasets in zip(payloads, data, strict=True)
-            for name, dataset in zip(
-                (payload.train_dataset, payload.val_dataset), stage_datasets.datasets.values(), strict=True
-            )
-        }
         trainer = TorchTrainer(
             train_stage_worker,
             train_loop_config=to_loop_config(payloads),
             scaling_config=head.scaling.ray_scaling_config(),
             run_config=_run_config(head, fit_run, access, callbacks or [], keep, max_failures),
-            datasets=datasets,
+            datasets=data.datasets,
             dataset_config=ingest_config([p.train_dataset for p in payloads], head.scaling.num_workers),
         )
         fit_started_at = time.time()
@@ -202,10 +193,9 @@ def run_chain(
             error = _explain(err, data)
             reports = _reports_after_failure(head.storage, fit_run, access) if len(links) > 1 else []
         fit_ended_at = time.time()
-        skipped = [d.skipped_rows() for d in data]
+        skipped = data.skipped_rows()
     finally:
-        for d in data:
-            d.close()
+        data.close()
     finished = _finished(links, prepared, reports, skipped, fit_started_at, fit_ended_at)
     if len(links) > 1:
         keep_by_run = {link.run_name: link.config.checkpoint.keep for link in links}
@@ -221,14 +211,27 @@ def run_chain(
     return ChainResult(tuple(finished), error)
 
 
-def _explain(err: Exception, data: Sequence[StageData]) -> Exception:
+def _explain(err: Exception, data: FitData) -> Exception:
     """Why a fit failed: too many corrupt images in a stage's data, said plainly, else the error itself."""
-    for stage_data_ in data:
-        failure = stage_data_.failure()
-        if failure is not None:
-            failure.__cause__ = err
-            return failure
-    return err
+    failure = data.failure()
+    if failure is None:
+        return err
+    failure.__cause__ = err
+    return failure
+
+
+def _stage_input(stage: PreparedStage, payload: WorkerPayload) -> StageInput:
+    config = stage.config
+    assert config.data.img_size is not None  # resolved by prepare_stage
+    return StageInput(
+        stage.dataset,
+        config.task,
+        config.data,
+        config.data.img_size,
+        config.seed,
+        payload.train_dataset,
+        payload.val_dataset,
+    )
 
 
 def _prepare_links(links: Sequence[ChainLink], fit_run: str, s3: S3Access | None) -> list[PreparedStage]:
