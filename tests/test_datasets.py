@@ -337,6 +337,13 @@ def _rewrite_shard(path: Path, change) -> None:
     pq.write_table(change(table).replace_schema_metadata(table.schema.metadata), path)
 
 
+def _truncate_fourth_image(table: pa.Table) -> pa.Table:
+    """The shard with its row 3's PNG cut short: an image no decoder can read."""
+    images = table.column("image").to_pylist()
+    images[3] = images[3][:40]
+    return table.set_column(0, "image", pa.array(images, pa.binary()))
+
+
 @pytest.mark.slow
 def test_corrupt_images_are_skipped_and_counted_then_fail_past_the_fraction(ray_local, tmp_path: Path) -> None:
     r = recipe("classification", num_train=40)
@@ -344,12 +351,7 @@ def test_corrupt_images_are_skipped_and_counted_then_fail_past_the_fraction(ray_
     write_dataset(uri, r.plan("ds"), r.rows, progress=False)
     shard = tmp_path / "ds" / "train" / "part-00001-of-00004.parquet"
 
-    def corrupt(table: pa.Table) -> pa.Table:
-        images = table.column("image").to_pylist()
-        images[3] = images[3][:40]  # truncated PNG
-        return table.set_column(0, "image", pa.array(images, pa.binary()))
-
-    _rewrite_shard(shard, corrupt)
+    _rewrite_shard(shard, _truncate_fourth_image)
     rows = decoded(uri, "train", max_bad_fraction=0.05)  # 2 of 40 allowed
     assert len(rows) == 39 and 13 not in {int(row["id"]) for row in rows}
     with pytest.raises(Exception, match=r"part-00001-of-00004\.parquet' row 3 \(id 13\).*max_bad_fraction=0\.0"):
@@ -368,17 +370,12 @@ def test_a_fits_stages_share_one_ledger_and_each_counts_and_fails_on_its_own(ray
     for uri in (clean, dirty):
         write_dataset(uri, r.plan(Path(uri).name), r.rows, progress=False)
 
-    def corrupt(table: pa.Table) -> pa.Table:
-        images = table.column("image").to_pylist()
-        images[3] = images[3][:40]  # truncated PNG
-        return table.set_column(0, "image", pa.array(images, pa.binary()))
-
-    _rewrite_shard(tmp_path / "dirty" / "train" / "part-00001-of-00004.parquet", corrupt)
+    _rewrite_shard(tmp_path / "dirty" / "train" / "part-00001-of-00004.parquet", _truncate_fourth_image)
 
     def stages(dirty_fraction: float) -> list[StageInput]:
         def stage(uri: str, fraction: float, suffix: str) -> StageInput:
-            spec = DataSpec(uri, max_bad_fraction=fraction)
-            return StageInput(open_dataset(uri), "classification", spec, 32, 0, f"train{suffix}", f"val{suffix}")
+            spec = DataSpec(uri, img_size=32, max_bad_fraction=fraction)
+            return StageInput(open_dataset(uri), "classification", spec, 0, f"train{suffix}", f"val{suffix}")
 
         return [stage(clean, 0.0, ""), stage(dirty, dirty_fraction, "_1")]
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import rmoe
 from rmoe import ModelSpec
 from rmoe.core_import import import_dense_core
 from rmoe.models import TIMM_DENSE_NAMES
+from rmoe_platform.cli import pipeline as pipeline_cli
 from rmoe_platform.config.experiment import ExperimentConfig
 from rmoe_platform.pipelines.report import format_report
 from rmoe_platform.pipelines.runner import ExperimentRunner
@@ -242,14 +241,13 @@ def test_segmentation_starts_from_an_imported_swin_core(ray_local, tmp_path: Pat
 
 
 # ---- bad input: exit 2, nothing written ------------------------------------------------------------
-def run_job(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "pipeline.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
-    )
+def run_job(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """The pipeline job's `main` in this process: its exit status and what it printed to stderr. Ray must not
+    start. (The job in a process of its own refusing bad input, exit status and all: `test_bad_inputs.py`.)"""
+    monkeypatch.setattr(pipeline_cli, "connect", lambda: pytest.fail("Ray was started for a bad core"))
+    capsys.readouterr()
+    status = pipeline_cli.main(list(args))
+    return status, capsys.readouterr().err
 
 
 def job_args(tmp: Path, checkpoint: str, *overrides: str) -> list[str]:
@@ -289,31 +287,32 @@ def write_bad_files(tmp: Path) -> None:
     ],
 )
 def test_a_bad_core_exits_2_before_anything_is_written(
-    tmp_path: Path, checkpoint: str, overrides: list[str], messages: list[str]
+    tmp_path: Path, checkpoint: str, overrides: list[str], messages: list[str], monkeypatch, capsys
 ) -> None:
     write_bad_files(tmp_path)
-    out = run_job(*job_args(tmp_path, str(tmp_path / checkpoint), *overrides))
-    assert out.returncode == 2, out.stderr
+    status, stderr = run_job(monkeypatch, capsys, *job_args(tmp_path, str(tmp_path / checkpoint), *overrides))
+    assert status == 2, stderr
     for message in messages:
-        assert message in out.stderr
-    assert "Traceback" not in out.stderr
+        assert message in stderr
+    assert "Traceback" not in stderr
     assert not any((tmp_path / name).exists() for name in ("ckpt", "res", "data"))
 
 
-def test_an_unreadable_s3_core_exits_2_before_anything_is_written(s3_server, tmp_path: Path) -> None:
-    import os
-
+def test_an_unreadable_s3_core_exits_2_before_anything_is_written(
+    s3_server, tmp_path: Path, monkeypatch, capsys
+) -> None:
     bucket = s3_server.bucket()
     s3_server.client().put_object(Bucket=bucket, Key="cores/broken.safetensors", Body=b"\x00" * 64)
-    env = {**os.environ, **s3_server.env()}
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
     for key, message in (
         ("cores/broken.safetensors", "not a readable safetensors file"),
         ("cores/none.pth", "no such"),
     ):
         uri = f"s3://{bucket}/{key}"
-        out = run_job(*job_args(tmp_path, uri), env=env)
-        assert out.returncode == 2, out.stderr
-        assert message in out.stderr and uri in out.stderr and "Traceback" not in out.stderr
+        status, stderr = run_job(monkeypatch, capsys, *job_args(tmp_path, uri))
+        assert status == 2, stderr
+        assert message in stderr and uri in stderr and "Traceback" not in stderr
         assert not any((tmp_path / name).exists() for name in ("ckpt", "res", "data"))
 
 

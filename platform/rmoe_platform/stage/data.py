@@ -23,17 +23,15 @@ from rmoe_platform.datasets.ingest import (
     read_split,
 )
 
-SPLITS = ("train", "val")
-
 
 @dataclass(frozen=True)
 class StageInput:
-    """What one stage of a fit reads, and the names the fit gives its two splits (`WorkerPayload`'s)."""
+    """What one stage of a fit reads (`spec` with its `img_size` resolved, as `prepare_stage` leaves it), and
+    the names the fit gives its two splits (`WorkerPayload`'s)."""
 
     opened: OpenDataset
     task: str
     spec: DataSpec
-    img_size: int
     seed: int
     train_name: str
     val_name: str
@@ -42,6 +40,10 @@ class StageInput:
     def names(self) -> dict[str, str]:
         """The fit's dataset name of each split."""
         return {"train": self.train_name, "val": self.val_name}
+
+    def __post_init__(self) -> None:
+        if self.spec.img_size is None:
+            raise ValueError(f"{self.spec.uri}: data.img_size is unresolved (prepare_stage resolves it)")
 
 
 @dataclass
@@ -74,7 +76,7 @@ def fit_data(stages: Sequence[StageInput]) -> FitData:
     (in order), counted in one ledger."""
     budgets: dict[str, int] = {}
     for stage in stages:
-        for split, budget in bad_row_budgets(stage.opened, stage.spec.max_bad_fraction, SPLITS).items():
+        for split, budget in bad_row_budgets(stage.opened, stage.spec.max_bad_fraction, tuple(stage.names)).items():
             budgets[stage.names[split]] = budget
     ledger = DecodeLedger.remote(budgets)
     try:
@@ -83,7 +85,8 @@ def fit_data(stages: Sequence[StageInput]) -> FitData:
 
             def decode(mode: str, stage: StageInput = stage) -> DecodeSpec:
                 spec = stage.spec
-                return DecodeSpec(stage.task, mode, stage.img_size, spec.augment, spec.max_bad_fraction, stage.seed)
+                assert spec.img_size is not None  # checked when the stage input was made
+                return DecodeSpec(stage.task, mode, spec.img_size, spec.augment, spec.max_bad_fraction, stage.seed)
 
             datasets[stage.train_name] = read_split(
                 stage.opened, "train", decode("train"), ledger, seed=stage.seed, ledger_key=stage.train_name

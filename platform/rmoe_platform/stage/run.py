@@ -222,16 +222,7 @@ def _explain(err: Exception, data: FitData) -> Exception:
 
 def _stage_input(stage: PreparedStage, payload: WorkerPayload) -> StageInput:
     config = stage.config
-    assert config.data.img_size is not None  # resolved by prepare_stage
-    return StageInput(
-        stage.dataset,
-        config.task,
-        config.data,
-        config.data.img_size,
-        config.seed,
-        payload.train_dataset,
-        payload.val_dataset,
-    )
+    return StageInput(stage.dataset, config.task, config.data, config.seed, payload.train_dataset, payload.val_dataset)
 
 
 def _prepare_links(links: Sequence[ChainLink], fit_run: str, s3: S3Access | None) -> list[PreparedStage]:
