@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import timm.data
+import torch
 from torch import nn
 
 from rmoe import ModelSpec
@@ -119,7 +120,8 @@ def build_sized_model(config: StageConfig, facts: DataFacts, *, parent: Path | N
     except ImportError as err:
         raise ConfigError(f"stage.task: {err}") from None
     try:
-        trunk, _ = build_stage_model(without_classes(config), parent=parent, load=False)
+        with torch.device("meta"):  # only its input size and patch embedding are read: shapes suffice
+            trunk, _ = build_stage_model(without_classes(config), parent=parent, load=False)
         config = _resolve_img_size(config, trunk, strict=config.task == "classification")
         model, spec = task.build(config, parent=parent, load=False)
     except ValueError as err:
