@@ -48,7 +48,7 @@ def test_detection_pipelines_learn_on_one_and_on_two_expert_parallel_workers(ray
             " class_offset: 6, max_objects: 2, seed: 7}",
             "downstream.budget={steps: 160}",
             "downstream.optim={lr: 3.0e-3, warmup_steps: 10, weight_decay: 0.01}",
-            # a lighter head than the demo's (box FC 128, 64 proposals, 32 sampled RoIs): steps 20% cheaper on
+            # a lighter head than the demo's (box FC 128, 64 proposals, 32 sampled RoIs): steps 14-20% cheaper on
             # CPU, and after the same 160 steps bbox AP 0.169 (dense) and 0.130 (rmoe_d, 2 workers) against 0.122
             # and 0.076 with the demo's head (one run each, 2 CPU cores); fewer steps learn too little (100: 0.020)
             "downstream.head={channels: 64, fc_channels: 128, anchor_scales: [2, 4], rpn_proposals: 64,"

@@ -92,7 +92,8 @@ def load_dense_model(path: str | Path) -> nn.Module:
 
 def _pyramid_channels(task: str, backbone: dict[str, Any]) -> list[int]:
     """The backbone's output widths, from a throw-away build of the backbone alone on the meta device (shapes
-    only: on CPU, a Swin-T trunk's weight init alone took ~0.4 s of every dense-prediction model build)."""
+    only: with the size-resolving trunk of `build_sized_model` also on meta, a Swin-T UperNet stage model built
+    in 1.55 s on CPU instead of 2.43 s)."""
     with torch.device("meta"):
         module = build_registered(task, dict(backbone))
     assert isinstance(module, RMoEBackbone)

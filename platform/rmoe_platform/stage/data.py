@@ -41,9 +41,12 @@ class StageInput:
         """The fit's dataset name of each split."""
         return {"train": self.train_name, "val": self.val_name}
 
-    def __post_init__(self) -> None:
-        if self.spec.img_size is None:
-            raise ValueError(f"{self.spec.uri}: data.img_size is unresolved (prepare_stage resolves it)")
+    def decode_spec(self, mode: str) -> DecodeSpec:
+        """How the stage's rows decode in `mode` ("train": augmented, seeded by the stage's seed; "eval")."""
+        spec = self.spec
+        if spec.img_size is None:
+            raise ValueError(f"{spec.uri}: data.img_size is unresolved (prepare_stage resolves it)")
+        return DecodeSpec(self.task, mode, spec.img_size, spec.augment, spec.max_bad_fraction, self.seed)
 
 
 @dataclass
@@ -82,17 +85,11 @@ def fit_data(stages: Sequence[StageInput]) -> FitData:
     try:
         datasets: dict[str, ray.data.Dataset] = {}
         for stage in stages:
-
-            def decode(mode: str, stage: StageInput = stage) -> DecodeSpec:
-                spec = stage.spec
-                assert spec.img_size is not None  # checked when the stage input was made
-                return DecodeSpec(stage.task, mode, spec.img_size, spec.augment, spec.max_bad_fraction, stage.seed)
-
             datasets[stage.train_name] = read_split(
-                stage.opened, "train", decode("train"), ledger, seed=stage.seed, ledger_key=stage.train_name
+                stage.opened, "train", stage.decode_spec("train"), ledger, seed=stage.seed, ledger_key=stage.train_name
             )
             datasets[stage.val_name] = read_split(
-                stage.opened, "val", decode("eval"), ledger, ledger_key=stage.val_name
+                stage.opened, "val", stage.decode_spec("eval"), ledger, ledger_key=stage.val_name
             )
     except BaseException:
         ray.kill(ledger)
