@@ -46,9 +46,9 @@ def test_one_worker_reads_validation_unsplit_several_split_it(workers: int, spli
         assert config._resolve_execution_options(dataset).preserve_order, "the seeded shuffle's order is kept"
 
 
-def test_the_fits_coordinators_still_starting_are_waited_for_at_the_first_batch(ray_local) -> None:
-    """The split coordinators a fit opened up front: the first batch of its first stage waits until they are
-    up, charged to ingest_start, so no training is timed while their processes start; later batches don't."""
+def test_a_stages_coordinators_still_starting_are_waited_for_at_the_first_batch(ray_local) -> None:
+    """The split coordinators a stage's shards started as it began: its first batch waits until they are up,
+    charged to ingest_start, so no training is timed while their processes start; later batches don't."""
     import ray
 
     @ray.remote(num_cpus=0)

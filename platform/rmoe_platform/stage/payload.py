@@ -18,9 +18,8 @@ from typing import Any
 
 from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.datasets.format import DataFacts
+from rmoe_platform.stage.loop_config import PAYLOADS_KEY, StageOutline, pack
 from rmoe_platform.storage.s3 import S3Access
-
-_KEY = "payloads"
 
 
 @dataclass(frozen=True)
@@ -45,19 +44,25 @@ class WorkerPayload:
     def total_steps(self) -> int:
         return self.config.total_steps(self.num_train)
 
+    @property
+    def outline(self) -> StageOutline:
+        return StageOutline(self.run_name, self.total_steps, (self.train_dataset, self.val_dataset))
+
 
 def to_loop_config(payloads: Sequence[WorkerPayload]) -> dict[str, Any]:
     """Ray Train's `train_loop_config` (a mapping) carrying the payloads of the stages a fit trains, in order,
-    pickled (see the module's docstring)."""
-    return {_KEY: pickle.dumps(tuple(payloads), protocol=pickle.HIGHEST_PROTOCOL)}
+    pickled (see the module's docstring), with their outlines (`stage.loop_config`)."""
+    packed = pickle.dumps(tuple(payloads), protocol=pickle.HIGHEST_PROTOCOL)
+    return pack(packed, [payload.outline for payload in payloads])
 
 
 def from_loop_config(loop_config: dict[str, Any]) -> tuple[WorkerPayload, ...]:
-    packed = loop_config.get(_KEY)
+    packed = loop_config.get(PAYLOADS_KEY)
     if not isinstance(packed, bytes):
-        raise TypeError(f"train_loop_config: expected pickled payloads under {_KEY!r}, got {type(packed).__name__}")
+        got = type(packed).__name__
+        raise TypeError(f"train_loop_config: expected pickled payloads under {PAYLOADS_KEY!r}, got {got}")
     payloads = pickle.loads(packed)
     if not isinstance(payloads, tuple) or not payloads or not all(isinstance(p, WorkerPayload) for p in payloads):
         got = type(payloads).__name__
-        raise TypeError(f"train_loop_config: expected a tuple of WorkerPayload under {_KEY!r}, got {got}")
+        raise TypeError(f"train_loop_config: expected a tuple of WorkerPayload under {PAYLOADS_KEY!r}, got {got}")
     return payloads

@@ -35,7 +35,7 @@ from rmoe_platform.stage.payload import WorkerPayload, to_loop_config
 from rmoe_platform.stage.prepare import PreparedStage, prepare_stage
 from rmoe_platform.stage.retention import prune_checkpoints
 from rmoe_platform.stage.worker.checkpoints import STATE_FILE
-from rmoe_platform.stage.worker.loop import train_stage_worker
+from rmoe_platform.stage.worker.entry import train_fit_worker
 from rmoe_platform.storage.s3 import S3Access
 from rmoe_platform.tasks.base import PREDICTIONS_DIR, PREDICTIONS_EXPORTED
 
@@ -179,7 +179,7 @@ def run_chain(
     data = fit_data([_stage_input(stage, payload) for stage, payload in zip(prepared, payloads, strict=True)])
     try:
         trainer = TorchTrainer(
-            train_stage_worker,
+            train_fit_worker,
             train_loop_config=to_loop_config(payloads),
             scaling_config=head.scaling.ray_scaling_config(),
             run_config=_run_config(head, fit_run, access, callbacks or [], keep, max_failures),

@@ -22,11 +22,12 @@ from rmoe.telemetry import MoEAuxSummary
 from rmoe_platform.config.stage import StageConfig
 from rmoe_platform.cost.devices import identify
 from rmoe_platform.cost.ledger import LapClock
-from rmoe_platform.stage.checkpoint_names import checkpoint_dir_name, restart_point
+from rmoe_platform.stage.checkpoint_names import checkpoint_dir_name
 from rmoe_platform.stage.payload import WorkerPayload, from_loop_config
 from rmoe_platform.stage.worker import collectives
 from rmoe_platform.stage.worker.checkpoints import TrainProgress, restore_training_state, save_training_checkpoint
 from rmoe_platform.stage.worker.compile import compile_dense_parts
+from rmoe_platform.stage.worker.entry import open_dataset_shards
 from rmoe_platform.stage.worker.expert_parallel import ExpertParallelPlan, parallelize
 from rmoe_platform.stage.worker.history import record_history
 from rmoe_platform.stage.worker.optim import build_optimizer, build_schedule
@@ -41,8 +42,8 @@ from rmoe_platform.tasks.base import PREDICTIONS_DIR
 @dataclass
 class IngestWait:
     """Charges the wait for an epoch's or a validation's first batch (Ray Data starting its pipeline) to
-    `ingest_start`; at the stage's first such batch also the wait for the fit's other split coordinators that
-    are still starting (`starting`), so that no training or evaluation is timed while they start."""
+    `ingest_start`; at the stage's first such batch also the wait for its split coordinators that are still
+    starting (`starting`), so that no training or evaluation is timed while they start."""
 
     clock: LapClock
     starting: list[Any] = field(default_factory=list)  # coordinator actors not yet known to be up
@@ -90,36 +91,22 @@ class StepStats:
     aux: MoEAuxSummary
 
 
-def train_stage_worker(loop_config: dict[str, Any]) -> None:
-    """Train each stage of the fit in turn. After a worker failure Ray restarts this function with the fit's
-    latest checkpoint: the stages before the one that wrote it are done, and so is that one if it was its
-    final checkpoint."""
+def train_stages(
+    loop_config: dict[str, Any], first: int, restart: ray.train.Checkpoint | None, starting: list[Any]
+) -> None:
+    """Train the fit's stages from `first` on (`entry.train_fit_worker`), the first resuming from `restart` if
+    given. `starting`: the split coordinators the first stage's shards started; each later stage asks for its
+    own shards as it starts, so that their coordinator comes up while it builds its model."""
     payloads = from_loop_config(loop_config)
     # torch marks the autograd-aware collectives deprecated (see expert_parallel); say so once per worker.
     warnings.filterwarnings("once", message="torch.distributed.nn.functional", category=FutureWarning)
-    latest = ray.train.get_checkpoint()
-    stages = [(payload.run_name, payload.total_steps) for payload in payloads]
-    first, resume_first = restart_point(stages, latest.path if latest is not None else None)
-    starting = _open_dataset_shards(payloads[first:])
     for index in range(first, len(payloads)):
-        train_one_stage(payloads[index], latest if index == first and resume_first else None, starting)
-        starting = []
+        payload = payloads[index]
+        if index > first:
+            starting = open_dataset_shards(payload.outline.datasets)
+        train_one_stage(payload, restart if index == first else None, starting)
         _release_stage_memory()  # the next stage builds its own model and optimizer
         collectives.barrier()  # rank 0 has persisted the final checkpoint the next stage starts from
-
-
-def _open_dataset_shards(payloads: list[WorkerPayload]) -> list[Any]:
-    """Ask for every stage's dataset shards up front; returns the split coordinators they started. A split
-    dataset's shards come from a coordinator actor Ray starts when they are first asked for (a process of its
-    own, ~1.5 s on 2 cores); asked for here, they all start while the first stage waits for its first batch,
-    not each at its own stage's first batch. Ray Train caches the shards: each stage gets these back."""
-    coordinators = []
-    for payload in payloads:
-        for name in (payload.train_dataset, payload.val_dataset):
-            actor = getattr(ray.train.get_dataset_shard(name), "_coord_actor", None)  # None: an unsplit dataset
-            if actor is not None:
-                coordinators.append(actor)
-    return coordinators
 
 
 def _release_stage_memory() -> None:
@@ -134,7 +121,7 @@ def train_one_stage(
     payload: WorkerPayload, restart: ray.train.Checkpoint | None, starting_coordinators: list[Any]
 ) -> None:
     """Build (or resume) the model, parallelize it, train to the budget, evaluate, checkpoint, report.
-    `starting_coordinators`: split coordinators of the fit still starting (waited for at the first batch)."""
+    `starting_coordinators`: the stage's split coordinators, maybe still starting (waited for at its first batch)."""
     clock = LapClock()
     config, access, total_steps = payload.config, payload.s3, payload.total_steps
     with tempfile.TemporaryDirectory() as tmp:
