@@ -1,7 +1,8 @@
 """A fit's train function (`stage.worker.entry.train_fit_worker`) asks for the dataset shards of the stage it
-starts with before it imports the model stack (torch, timm, `rmoe`), so that their split coordinator starts
-while the worker imports; and it starts with the right stage after a restart. Run in a fresh interpreter
-(this one has the model stack imported), with Ray Train's worker API replaced by a recorder."""
+starts with while it imports the model stack (torch, timm, `rmoe`), not after, so that their split coordinator
+starts meanwhile; and it starts with the right stage after a restart. Run in a fresh interpreter (this one has
+the model stack imported), with Ray Train's worker API replaced by a recorder and the model stack by a module
+whose import finishes only once the shards were asked for."""
 
 from __future__ import annotations
 
@@ -27,41 +28,53 @@ OUTLINE = [
 ]
 
 # Runs `train_fit_worker` on OUTLINE with `latest` (argv[1], "" for none) as Ray's latest checkpoint; prints
-# what it asked for and handed over, and which heavy modules were imported at each point.
+# what it asked for and handed over, and which heavy modules were imported. The stand-in for the model stack's
+# module waits (up to 10 s) for the shards to be asked for, and says so if they were not.
 RUN_ENTRY = textwrap.dedent(
     f"""
-    import json, sys, types
+    import importlib.abc, importlib.util, json, sys, threading
     import ray.train
 
     HEAVY = {HEAVY!r}
-    heavy = lambda: [m for m in HEAVY if m in sys.modules]
-    calls = []
+    LOOP = "rmoe_platform.stage.worker.loop"
+    calls, asked = [], threading.Event()
 
     class Shard:
         def __init__(self, name):
             self._coord_actor = "coordinator-" + name if name.startswith("train") else None
 
     def get_dataset_shard(name):
-        calls.append(["shard", name, heavy()])
+        calls.append(["shard", name])
+        asked.set()
         return Shard(name)
 
     class Latest:
         path = sys.argv[1]
 
+    class ModelStack(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path, target=None):
+            return importlib.util.spec_from_loader(name, self) if name == LOOP else None
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            if not asked.wait(10):
+                calls.append(["the model stack was imported before the shards were asked for"])
+            module.train_stages = lambda config, first, restart, starting: calls.append(
+                ["train", first, None if restart is None else restart.path, starting]
+            )
+
     ray.train.get_dataset_shard = get_dataset_shard
     ray.train.get_checkpoint = lambda: Latest() if sys.argv[1] else None
-    loop = types.ModuleType("rmoe_platform.stage.worker.loop")
-    loop.train_stages = lambda config, first, restart, starting: calls.append(
-        ["train", first, None if restart is None else restart.path, starting]
-    )
-    sys.modules[loop.__name__] = loop  # the real one is the model stack
+    sys.meta_path.insert(0, ModelStack())
 
     from rmoe_platform.stage.loop_config import StageOutline, pack
     from rmoe_platform.stage.worker.entry import train_fit_worker
 
     outline = [StageOutline(*stage) for stage in json.loads(sys.argv[2])]
     train_fit_worker(pack(b"", outline))
-    print(json.dumps({{"calls": calls, "heavy": heavy()}}))
+    print(json.dumps({{"calls": calls, "heavy": [m for m in HEAVY if m in sys.modules]}}))
     """
 )
 
@@ -78,11 +91,11 @@ def run_entry(latest: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_the_first_stages_shards_are_asked_for_before_the_model_stack_is_imported() -> None:
+def test_the_first_stages_shards_are_asked_for_while_the_model_stack_imports() -> None:
     seen = run_entry("")
     assert seen["calls"] == [
-        ["shard", "train", []],
-        ["shard", "val", []],
+        ["shard", "train"],
+        ["shard", "val"],
         ["train", 0, None, ["coordinator-train"]],  # the coordinator it started, waited for at the first batch
     ]
     assert seen["heavy"] == []
@@ -101,11 +114,7 @@ def test_a_restarted_fit_asks_for_the_shards_of_the_stage_it_goes_on_with(
     train, val = OUTLINE[first].datasets
     seen = run_entry(latest)
     restart = latest if resumes else None
-    assert seen["calls"] == [
-        ["shard", train, []],
-        ["shard", val, []],
-        ["train", first, restart, [f"coordinator-{train}"]],
-    ]
+    assert seen["calls"] == [["shard", train], ["shard", val], ["train", first, restart, [f"coordinator-{train}"]]]
 
 
 def test_a_fit_restarted_after_its_last_stage_finished_trains_nothing() -> None:
