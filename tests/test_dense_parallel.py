@@ -24,16 +24,19 @@ from safetensors.torch import load_file
 
 from rmoe_platform.datasets import SceneRecipe, write_dataset
 
-# Relative gradient tolerance. Expert parallel runs each expert's GEMM over rows from both workers at once,
-# which rounds differently in the last bit from the reference's per-half GEMMs. Segmentation (like
-# classification) stays within 1e-5. Mask R-CNN's mask targets are ground-truth masks cropped at the
-# proposals and thresholded at 0.5: proposals move with the network's outputs, so a last-bit difference
-# can flip a target pixel, and the gradients then differ (the losses agree to 1e-5). How much depends on
-# the CPU's BLAS kernels, which decide which pixels flip: a few 1e-5 on one machine; up to 3.5e-4 (the mask
-# head's first conv; the backbone's layers up to 2.3e-4) on an AMD EPYC. Segmentation, at 1e-5, is the
-# tight check of the same expert-parallel backbone; detection's tolerance absorbs the flips. Reordering the
-# reference's two halves changes its gradients by < 1e-7: the gap is not summation order.
-GRAD_TOLERANCE = {"segmentation": 1e-5, "detection": 1e-3}
+# Relative tolerances. Expert parallel runs each expert's GEMM over rows from both workers at once, which rounds
+# differently in the last bit from the reference's per-half GEMMs. Segmentation (like classification) stays
+# within 1e-5: the tight check of the expert-parallel backbone. Mask R-CNN thresholds what the network outputs:
+# its mask targets are ground-truth masks cropped at the proposals and cut at 0.5, and its proposals are kept by
+# NMS and sampled by IoU thresholds, so a last-bit difference can flip a target pixel or a proposal, and the
+# loss and gradients then differ by more than rounding. How much depends on the CPU's BLAS kernels, which decide
+# what flips: gradients a few 1e-5 on one machine, up to 3.5e-4 on an AMD EPYC, and 2.3e-3 (the box head's shared
+# fc; the backbone's attention tables 2.2e-3) with a loss 4.1e-5 apart on another AMD EPYC. Detection's
+# tolerances absorb the flips, while workers that skip the experts' gradient all-reduce are off by 100% in the
+# experts' gradients (measured, in both tasks). Reordering the reference's two halves changes its gradients by < 1e-7:
+# the gap is not summation order.
+LOSS_TOLERANCE = {"segmentation": 1e-5, "detection": 1e-3}
+GRAD_TOLERANCE = {"segmentation": 1e-5, "detection": 1e-2}
 
 
 @pytest.mark.slow
@@ -64,7 +67,8 @@ def test_two_expert_parallel_workers_match_one_process(ray_local, tmp_path: Path
         loss = torch.stack(losses).mean()
         loss.backward()
         distributed = load_file(str(tmp_path / f"{task}_grads.safetensors"))
-        torch.testing.assert_close(distributed.pop("__loss__")[0], loss.detach(), rtol=1e-5, atol=0, msg=task)
+        distributed_loss = float(distributed.pop("__loss__")[0])
+        assert distributed_loss == pytest.approx(float(loss), rel=LOSS_TOLERANCE[task], abs=0), task
         reference_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
         assert set(distributed) == set(reference_grads), task
         errors = {
