@@ -81,5 +81,6 @@ class LocalDispatcher(TokenDispatcher):
         T, K = state.num_tokens, state.top_k
         every_slot = y_NO.shape[0] == T * K  # nothing dropped: the rows fill every slot, no zeros needed
         base = y_NO.new_empty if every_slot else y_NO.new_zeros
-        y_TKO = base(T * K, y_NO.shape[-1]).index_copy(0, state.slot_order_N, y_NO)
+        # in place into the fresh buffer: the out-of-place index_copy would first copy all of it
+        y_TKO = base(T * K, y_NO.shape[-1]).index_copy_(0, state.slot_order_N, y_NO)
         return y_TKO.view(T, K, y_NO.shape[-1])

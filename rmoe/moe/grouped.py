@@ -52,7 +52,7 @@ class PaddedLayout(GroupedLayout):
     def pack(self, x_NI: torch.Tensor) -> torch.Tensor:
         E, C = self.num_experts, self.capacity
         width = x_NI.shape[-1]  # explicit, not -1: a rank may receive no rows at all (C = 0)
-        return x_NI.new_zeros(E * C, width).index_copy(0, self.flat_N, x_NI).view(E, C, width)
+        return x_NI.new_zeros(E * C, width).index_copy_(0, self.flat_N, x_NI).view(E, C, width)
 
     def unpack(self, y: torch.Tensor) -> torch.Tensor:
         return y.reshape(self.num_experts * self.capacity, y.shape[-1]).index_select(0, self.flat_N)
@@ -92,7 +92,7 @@ class RaggedLayout(GroupedLayout):
 
     def pack(self, x_NI: torch.Tensor) -> torch.Tensor:
         out = x_NI.new_zeros(self.num_padded, x_NI.shape[-1], dtype=self.dtype)
-        return out.index_copy(0, self.dest_N, x_NI.to(self.dtype))
+        return out.index_copy_(0, self.dest_N, x_NI.to(self.dtype))
 
     def unpack(self, y: torch.Tensor) -> torch.Tensor:
         return y.index_select(0, self.dest_N)
@@ -149,15 +149,26 @@ class _SplitLinear(torch.autograd.Function):
             dx = x_NI.new_empty(x_NI.shape)
             for e, rows in _groups(ctx.sizes):
                 torch.mm(dy_NO[rows], w_EIO[e].t(), out=dx[rows])
+        # Weight and bias gradients are written expert by expert into empty buffers, and only the experts
+        # without rows are zeroed: zero-filling the whole [E, I, O] first cost ~1% of a top-1 fwd+bwd.
         if ctx.needs_input_grad[1]:
-            dw = torch.zeros_like(w_EIO)  # an expert without rows gets a zero gradient
+            dw = w_EIO.new_empty(w_EIO.shape)
             for e, rows in _groups(ctx.sizes):
                 torch.mm(x_NI[rows].t(), dy_NO[rows], out=dw[e])
+            _zero_experts_without_rows(dw, ctx.sizes)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy_NO.new_zeros(w_EIO.shape[0], dy_NO.shape[-1])
+            db = dy_NO.new_empty(w_EIO.shape[0], dy_NO.shape[-1])
             for e, rows in _groups(ctx.sizes):
                 torch.sum(dy_NO[rows], 0, out=db[e])
+            _zero_experts_without_rows(db, ctx.sizes)
         return dx, dw, db, None
+
+
+def _zero_experts_without_rows(grad_E: torch.Tensor, sizes: list[int]) -> None:
+    """An expert that received no rows gets a zero gradient."""
+    for e, size in enumerate(sizes):
+        if not size:
+            grad_E[e].zero_()
 
 
 def _groups(sizes: list[int]) -> list[tuple[int, slice]]:

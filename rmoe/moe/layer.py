@@ -41,8 +41,8 @@ class _GatedCombine(torch.autograd.Function):
         w_TK = gates_TK.to(y_TKO.dtype)
         ctx.save_for_backward(y_TKO, w_TK)
         ctx.gates_dtype = gates_TK.dtype
-        if alignment:
-            return y_TKO.sum(1) if y_TKO.shape[1] == 1 else y_TKO.mean(1)
+        if alignment:  # top-1: a copy of the one slot, not a reduction (which zero-fills its output first)
+            return y_TKO[:, 0].clone() if y_TKO.shape[1] == 1 else y_TKO.mean(1)
         return (w_TK.unsqueeze(-1) * y_TKO).sum(1)
 
     @staticmethod

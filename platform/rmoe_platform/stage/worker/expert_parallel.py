@@ -98,10 +98,10 @@ class AllToAllDispatcher(TokenDispatcher):
 
     def combine(self, y_NO: torch.Tensor, state: object) -> torch.Tensor:
         assert isinstance(state, AllToAllState)
-        y_recv_NO = torch.empty_like(y_NO).index_copy(0, state.regroup_N, y_NO)
+        y_recv_NO = torch.empty_like(y_NO).index_copy_(0, state.regroup_N, y_NO)
         y_sorted_NO = collectives.all_to_all_autograd(y_recv_NO, state.send_splits, state.recv_splits, self.ep_group)
         T, K = state.num_tokens, state.top_k
-        y_TKO = y_NO.new_zeros(T * K, y_NO.shape[-1]).index_copy(0, state.slot_order_N, y_sorted_NO)
+        y_TKO = y_NO.new_zeros(T * K, y_NO.shape[-1]).index_copy_(0, state.slot_order_N, y_sorted_NO)
         return y_TKO.view(T, K, y_NO.shape[-1])
 
     def reduce_sum(self, stats: torch.Tensor) -> torch.Tensor:
