@@ -30,7 +30,7 @@ def stage_config(tmp_path: Path, precision: str, **overrides: Any) -> StageConfi
     base: dict[str, Any] = {
         "name": f"p-{precision}",
         "storage": str(tmp_path / "runs"),
-        "model": {"moe": {"num_experts": 4, "top_k": 2}},
+        "model": {"kwargs": {"depth": 2}, "moe": {"num_experts": 4, "top_k": 2}},
         "budget": {"steps": 10},
         "batch_size": 16,
         "log_every": 1,
