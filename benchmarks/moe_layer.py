@@ -12,8 +12,9 @@ rotating order) and medians are reported, so drift from other processes on the m
 A benchmark, not a test: goals are marked PASS/MISS but the exit status is 0 either way.
 
 What limits top-1 on a CPU (torch.profiler, default sizes, 2 cores, fwd+bwd): the GEMMs alone take ~10% longer
-than dense (163 vs 180 ms): 8 groups of ~T/8 rows run 5-10% slower than one T-row GEMM, and the weight gradient
-writes E [I, O] blocks where dense writes one; routing, dispatch, combine and the aux losses add ~9 ms. Medians
+than dense's (MoE 180 ms, dense 163 ms): 8 groups of ~T/8 rows run 5-10% slower than one T-row GEMM, and the
+weight gradient writes E [I, O] blocks where dense writes one; routing, dispatch, combine and the aux losses add
+~10 ms. Medians
 on such a machine range 0.86-0.93 from run to run, so compare several runs, or the minimums' cross-check.
 """
 

@@ -24,8 +24,8 @@ def config(tmp_path: Path, steps: int) -> StageConfig:
         {
             "name": f"ledger-{steps}",
             "storage": str(tmp_path / "runs"),
-            # two blocks, not the arch's six: the 40 steps still train for ~4 s (ratio 80/40 at 2.07), and the
-            # test takes 93 s instead of ~220 s
+            # two blocks, not the arch's six: the 40 steps still train for ~4 s (ratio 80/40 at 2.07); the test
+            # took 93 s alone, and 147 s instead of 220 s in the suite
             "model": {"arch": "rmoe_vit_nano_patch4_32", "kwargs": {"depth": 2}},
             "budget": {"steps": steps},
             "batch_size": 32,

@@ -33,8 +33,8 @@ from rmoe_platform.datasets import SceneRecipe, write_dataset
 # what flips: gradients a few 1e-5 on one machine, up to 3.5e-4 on an AMD EPYC, and 2.3e-3 (the box head's shared
 # fc; the backbone's attention tables 2.2e-3) with a loss 4.1e-5 apart on another AMD EPYC. Detection's
 # tolerances absorb the flips, while workers that skip the experts' gradient all-reduce are off by 100% in the
-# experts' gradients (measured, in both tasks). Reordering the reference's two halves changes its gradients by < 1e-7:
-# the gap is not summation order.
+# experts' gradients (measured, in both tasks). Reordering the reference's two halves changes its gradients by
+# < 1e-7: the gap is not summation order.
 LOSS_TOLERANCE = {"segmentation": 1e-5, "detection": 1e-3}
 GRAD_TOLERANCE = {"segmentation": 1e-5, "detection": 1e-2}
 
