@@ -1,12 +1,15 @@
 """Model configs (plain dicts, as in an mmseg/mmdet config file) for UperNet and Mask R-CNN on an RMoE
 backbone, sized by a stage's `HeadConfig`. The layouts follow mmseg's `upernet_swin` and mmdet's
-`mask-rcnn_r50_fpn` base configs; the backbone and the data preprocessor come from the stage."""
+`mask-rcnn_r50_fpn` base configs; the backbone and the data preprocessor come from the stage. The one
+non-string type is Mask R-CNN's RoI layer, `mm.roi_align.RoIAlign` (mmdet looks RoI layer names up in
+`mmcv.ops` only): mmcv's kernel, with a sparse product for small RoIs on CPU."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from rmoe_platform.config.stage import HeadConfig
+from rmoe_platform.mm.roi_align import RoIAlign
 
 PYRAMID_STRIDES = [4, 8, 16, 32]
 
@@ -143,7 +146,7 @@ def _roi_head(width: int, num_classes: int, head: HeadConfig) -> dict[str, Any]:
         "type": "StandardRoIHead",
         "bbox_roi_extractor": {
             "type": "SingleRoIExtractor",
-            "roi_layer": {"type": "RoIAlign", "output_size": 7, "sampling_ratio": 0},
+            "roi_layer": {"type": RoIAlign, "output_size": 7, "sampling_ratio": 0},
             "out_channels": width,
             "featmap_strides": PYRAMID_STRIDES,
         },
@@ -164,7 +167,7 @@ def _roi_head(width: int, num_classes: int, head: HeadConfig) -> dict[str, Any]:
         },
         "mask_roi_extractor": {
             "type": "SingleRoIExtractor",
-            "roi_layer": {"type": "RoIAlign", "output_size": 14, "sampling_ratio": 0},
+            "roi_layer": {"type": RoIAlign, "output_size": 14, "sampling_ratio": 0},
             "out_channels": width,
             "featmap_strides": PYRAMID_STRIDES,
         },
