@@ -13,7 +13,7 @@ from rmoe_platform.cli import sweep as sweep_cli
 from rmoe_platform.config.fields import ConfigError
 from rmoe_platform.results.analysis import pareto_front
 from rmoe_platform.sweep.config import SweepConfig
-from rmoe_platform.sweep.driver import SweepDriver, expected_trials
+from rmoe_platform.sweep.driver import SweepDriver, expected_trials, reuse_trial_actors
 from rmoe_platform.sweep.plan import SEED_PARAM, representative_settings, trial_key
 from rmoe_platform.sweep.report import best_per_budget, format_tables, pareto_rows, setting_rows
 from rmoe_platform.sweep.space import parse_space
@@ -71,6 +71,13 @@ def test_a_replicated_sweep_runs_each_setting_once_per_seed(tmp_path: Path) -> N
     (tmp_path / "one").mkdir()
     single = validate(write_sweep(tmp_path / "one")).plan
     assert single is not None and SEED_PARAM not in single.param_space(), "one seed: no seed dimension"
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "reuse"), [({"type": "none"}, True), ({"type": "asha", "grace_period": 1}, False)]
+)
+def test_trial_processes_are_reused_unless_a_scheduler_stops_trials_early(tmp_path: Path, scheduler, reuse) -> None:
+    assert reuse_trial_actors(SweepConfig.load(write_sweep(tmp_path, scheduler=scheduler))) is reuse
 
 
 def test_budget_fraction_is_relative_to_the_upstream_samples(tmp_path: Path) -> None:

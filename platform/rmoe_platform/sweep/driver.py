@@ -124,6 +124,7 @@ class SweepDriver:
                 num_samples=search.num_samples,
                 # a Searcher is limited by Tune (ConcurrencyLimiter); the variant generator limits itself
                 max_concurrent_trials=concurrency if search.algorithm == "optuna" else None,
+                reuse_actors=reuse_trial_actors(self.sweep),
             ),
             run_config=tune.RunConfig(
                 name=plan.sweep_id, storage_path=root, storage_filesystem=fs, callbacks=[progress], verbose=0
@@ -171,6 +172,13 @@ class SweepDriver:
         data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
         fs, path = storage.filesystem(self._state_path(sweep_id), "experiment.storage", self.access)
         storage.write_bytes(fs, path, data)
+
+
+def reuse_trial_actors(sweep: SweepConfig) -> bool:
+    """A finished trial's process runs the next trial (its imports and Ray worker start paid once), unless a
+    scheduler may stop trials early: Tune can only reuse a process whose trial function has returned, and a
+    trial stopped mid-fit is still winding its stage down, so the trial given its process would fail."""
+    return sweep.scheduler.type == "none"
 
 
 def search_algorithm(sweep: SweepConfig, concurrency: int) -> SearchAlgorithm | Searcher:
