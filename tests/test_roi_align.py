@@ -57,6 +57,15 @@ def test_the_sparse_product_equals_mmcv_roi_align(bins, scale, sampling_ratio, a
     torch.testing.assert_close(got_grad, expected_grad, atol=1e-5, rtol=1e-5)
 
 
+def test_a_nan_roi_is_not_sampled_and_a_wrong_image_index_is_refused() -> None:
+    features = torch.randn(2, 4, 8, 8)
+    rois = torch.tensor([[0, float("nan"), 1.0, 9.0, 7.0], [1, 0.0, 2.0, 5.0, 12.0]])
+    out = RoIAlign(7, 0.5)(features, rois)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match=r"image indices must lie in \[0, 2\)"):
+        RoIAlign(7, 0.5)(features, torch.tensor([[2, 0.0, 0.0, 4.0, 4.0]]))
+
+
 def test_rois_get_no_gradient_and_empty_rois_give_an_empty_output() -> None:
     features = torch.randn(2, 4, 8, 8, requires_grad=True)
     rois = torch.tensor([[0, 1.0, 1.0, 9.0, 7.0], [1, 0.0, 2.0, 5.0, 12.0]], requires_grad=True)

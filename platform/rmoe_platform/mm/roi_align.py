@@ -89,7 +89,7 @@ class RoIGrids:
         if sampling_ratio > 0:
             grid_N2 = torch.full_like(length_N2, float(sampling_ratio))
         else:
-            grid_N2 = torch.ceil(length_N2 / length_N2.new_tensor(bins)).clamp(min=0.0)
+            grid_N2 = torch.ceil(length_N2 / length_N2.new_tensor(bins)).nan_to_num(0.0).clamp(min=0.0)
         return cls(rois_N5[:, 0].long(), start_N2, length_N2, grid_N2, bins)
 
     def largest(self) -> int:
@@ -111,11 +111,12 @@ class RoIGrids:
             + bin_index_B[None, :, None] * bin_N[:, None, None]
             + (sample_index_G[None, None, :] + 0.5) * (bin_N / grid_N.clamp(min=1.0))[:, None, None]
         )
+        # a NaN position (a diverged RoI) is not sampled; indices stay in range whatever the position
         sampled_NBG = (sample_index_G < grid_N[:, None, None]) & (position_NBG >= -1.0) & (position_NBG <= size)
-        position_NBG = position_NBG.clamp(min=0.0)
+        position_NBG = torch.where(sampled_NBG, position_NBG.clamp(min=0.0), torch.zeros_like(position_NBG))
         low_NBG = position_NBG.floor().long()
         at_edge_NBG = low_NBG >= size - 1
-        low_NBG = low_NBG.clamp(max=size - 1)
+        low_NBG = low_NBG.clamp(0, size - 1)
         high_NBG = torch.where(at_edge_NBG, low_NBG, low_NBG + 1)
         fraction_NBG = torch.where(at_edge_NBG, torch.zeros_like(position_NBG), position_NBG - low_NBG)
         scale_NBG = sampled_NBG / grid_N.clamp(min=1.0)[:, None, None]
@@ -130,6 +131,8 @@ def sparse_roi_align(features_BCHW: Tensor, grids: RoIGrids) -> Tensor:
     images, channels, height, width = features_BCHW.shape
     bins_y, bins_x = grids.bins
     rois = grids.image_N.numel()
+    if rois and not 0 <= int(grids.image_N.min()) <= int(grids.image_N.max()) < images:
+        raise ValueError(f"RoIAlign: RoI image indices must lie in [0, {images}) for {images} feature maps")
     rows_y_NP, weights_y_NP = grids.axis_corners(0, height)
     columns_x_NQ, weights_x_NQ = grids.axis_corners(1, width)
     # entry (n, p, q, corner_y, corner_x): feature pixel (image, y, x), weight w_y·w_x
