@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from mmcv.ops import roi_align as mmcv_roi_align
 
-from rmoe_platform.mm.roi_align import MAX_SPARSE_GRID, RoIGrids, sparse_roi_align
+from rmoe_platform.mm.roi_align import MAX_SPARSE_GRID, RoIAlign, sparse_roi_align
 
 SPATIAL_SCALE = 0.25  # the finest FPN level (stride 4), where a small image's RoIs all land
 # (RoIs, output bins): the box head's sampled RoIs and the mask head's positive ones, for a batch of 16
@@ -65,19 +65,20 @@ def main(argv: list[str] | None = None) -> int:
         features = torch.randn(args.images, args.channels, side, side, generator=generator, requires_grad=True)
         for layer, (count, bins) in LAYERS.items():
             rois = random_rois(count, args.images, side * 4, generator)
-            grids = RoIGrids.of(rois, (bins, bins), SPATIAL_SCALE, 0, True)
+            module = RoIAlign(bins, SPATIAL_SCALE, sampling_ratio=0, aligned=True)
+            grids = module.grids(rois)
 
             def kernel(features=features, rois=rois, bins=bins) -> torch.Tensor:
                 return mmcv_roi_align(features, rois, (bins, bins), SPATIAL_SCALE, 0, "avg", True)
 
-            def sparse(features=features, rois=rois, bins=bins) -> torch.Tensor:
-                return sparse_roi_align(features, RoIGrids.of(rois, (bins, bins), SPATIAL_SCALE, 0, True))
+            def sparse(features=features, rois=rois, module=module) -> torch.Tensor:
+                return sparse_roi_align(features, module.grids(rois))
 
             disagree += not agree(kernel, sparse, features)
             kernel_ms = fwd_bwd_ms(kernel, features, repeats)
             sparse_ms = fwd_bwd_ms(sparse, features, repeats)
             samples = grids.largest()
-            path = "sparse" if samples <= MAX_SPARSE_GRID else "mmcv"
+            path = "mmcv" if module.sparse_grids(features, rois) is None else "sparse"
             print(
                 f"{side:>4}x{side:<3} {layer:>11} {kernel_ms:8.1f} {sparse_ms:10.1f} "
                 f"{sparse_ms / kernel_ms:6.2f} {samples:8d}  {path}"

@@ -50,13 +50,23 @@ class RoIAlign(nn.Module):
 
     def forward(self, features_BCHW: Tensor, rois_N5: Tensor) -> Tensor:
         rois_N5 = rois_N5.detach()
-        if features_BCHW.device.type == "cpu" and features_BCHW.dtype in SPARSE_DTYPES:
-            grids = RoIGrids.of(rois_N5, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
-            if grids.largest() <= MAX_SPARSE_GRID:
-                return sparse_roi_align(features_BCHW, grids)
+        grids = self.sparse_grids(features_BCHW, rois_N5)
+        if grids is not None:
+            return sparse_roi_align(features_BCHW, grids)
         return mmcv_roi_align(
             features_BCHW, rois_N5, self.output_size, self.spatial_scale, self.sampling_ratio, "avg", self.aligned
         )
+
+    def grids(self, rois_N5: Tensor) -> RoIGrids:
+        return RoIGrids.of(rois_N5, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+
+    def sparse_grids(self, features_BCHW: Tensor, rois_N5: Tensor) -> RoIGrids | None:
+        """The RoIs' grids when the sparse product applies (CPU fp32/fp64 features, at most `MAX_SPARSE_GRID`
+        samples per bin and axis), else None: other devices compute no grid and take no host sync."""
+        if features_BCHW.device.type != "cpu" or features_BCHW.dtype not in SPARSE_DTYPES:
+            return None
+        grids = self.grids(rois_N5)
+        return grids if grids.largest() <= MAX_SPARSE_GRID else None
 
     def extra_repr(self) -> str:
         return (
