@@ -16,6 +16,17 @@ than dense's (MoE 180 ms, dense 163 ms): 8 groups of ~T/8 rows run 5-10% slower 
 weight gradient writes E [I, O] blocks where dense writes one; routing, dispatch, combine and the aux losses add
 ~10 ms. Medians
 on such a machine range 0.86-0.93 from run to run, so compare several runs, or the minimums' cross-check.
+
+What limits the RMoE top-2 step on a CPU: memory, not FLOPs. Its GEMMs are about half the full MoE's (the
+first core GEMM runs once per token, the frozen core takes no weight gradient), but each [k·T, H] activation
+is 48 MiB at the default sizes, above glibc's 32 MiB ceiling for reusing freed heap memory: every such
+buffer (gathered core term, activation, their gradients, the thin residual GEMMs' outputs) is mapped
+afresh and page-faulted in, 21 ms for 48 MiB here against 1 ms to refill one in place (0.43 ms per MiB
+above 32 MiB, nothing below). Measured on 2 cores: RMoE ÷ full MoE 0.847 (medians) with torch's default
+allocator, 0.750 with `THP_MEM_ALLOC_ENABLE=1` in the environment (torch then backs buffers of ≥ 2 MiB with
+2 MiB pages: 4.5 ms for the same 48 MiB); the header says which allocator ran. Running the second core GEMM
+once per token too, on the gate-weighted sum of a token's hidden rows, was tried and measured no faster
+(it trades a [k·T, H]·[H, D] GEMM for passes over the same [k·T, H] rows).
 """
 
 from __future__ import annotations
@@ -271,9 +282,20 @@ def print_header(b: Bench, notes: list[str]) -> None:
     print(f"T={b.tokens} D={b.dim} H={b.hidden} E={b.experts} rank={b.rank} seed={b.seed}")
     print(f"warm-up {b.warmup} + {b.repeats} timed rounds, variants interleaved; AdamW lr={LEARNING_RATE:g}")
     print(f"load average before: {_load()}")
+    if b.device.type == "cpu":
+        print(_cpu_allocator(b))
     for line in notes:
         print(line)
     print()
+
+
+def _cpu_allocator(b: Bench) -> str:
+    """Which CPU allocator regime ran: buffers over 32 MiB are page-faulted in at every allocation unless torch
+    backs them with huge pages (see the module docstring)."""
+    largest = max(b.top_ks) * b.tokens * b.hidden * b.dtype.itemsize / 2**20
+    huge = os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"  # torch reads it at its first large allocation
+    regime = "2 MiB pages (THP_MEM_ALLOC_ENABLE=1)" if huge else "default (4 KiB pages: > 32 MiB faulted in anew)"
+    return f"CPU allocator: {regime}; largest activation [k·T, H] {largest:.0f} MiB"
 
 
 def _load() -> str:
