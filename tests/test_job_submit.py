@@ -1,8 +1,11 @@
-"""`ray job submit` against a `ray start --head` cluster the test starts (and stops by process group)."""
+"""`ray job submit` against a `ray start --head` cluster the test starts (and stops by process group), whose job
+reads its data from S3 and writes checkpoints and results there, with the credentials in the cluster's
+environment (as a KubeRay pod gets them from a secret), never on a command line."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -17,16 +20,19 @@ from processes import StartupFailedError, free_ports, ray_cluster_env, start_ret
 
 from rmoe_platform.cluster import SINGLE_MACHINE_ENV
 from rmoe_platform.results import ResultsStore
+from rmoe_platform.storage.local_s3 import S3Endpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
-def ray_head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
-    """A token-authenticated Ray head on loopback with its own ports and temp dir."""
+def ray_head(tmp_path_factory, s3_server: S3Endpoint) -> Iterator[tuple[str, dict[str, str]]]:
+    """A token-authenticated Ray head on loopback with its own ports and temp dir, and the S3 endpoint's
+    credentials in its environment."""
     temp = Path("/tmp") / f"rmoe-head-{secrets.token_hex(4)}"  # short: Ray's socket paths have a length limit
-    env = ray_cluster_env(**SINGLE_MACHINE_ENV)  # with --node-ip-address=127.0.0.1: every Ray process on loopback
+    # with --node-ip-address=127.0.0.1: every Ray process on loopback
+    env = ray_cluster_env(**SINGLE_MACHINE_ENV, **s3_server.env())
     log = tmp_path_factory.mktemp("ray-head") / "head.log"  # kept: its tail says why a head died
 
     def start() -> tuple[subprocess.Popen, str]:
@@ -98,10 +104,33 @@ def tail(log: Path, lines: int = 40) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
+def prepare(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "prepare_data.py"), *args, "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
 @pytest.mark.slow
-def test_job_submission_runs_the_smoke_preset_into_the_store(ray_head, tmp_path: Path) -> None:
+def test_a_submitted_job_reads_its_data_from_s3_and_writes_checkpoints_and_results_there(
+    ray_head, s3_server: S3Endpoint
+) -> None:
     address, env = ray_head
-    results = tmp_path / "results"
+    bucket = s3_server.bucket()
+    data, results = f"s3://{bucket}/datasets", f"s3://{bucket}/results"
+    # the smoke preset's datasets, written to S3 beforehand (the job would generate them otherwise)
+    upstream = ["--num-train", "128", "--num-val", "32", "--num-classes", "4", "--shard-rows", "64"]
+    downstream = ["--num-train", "64", "--num-val", "32", "--num-classes", "3", "--class-offset", "4", "--seed", "7"]
+    generated = [
+        prepare("generate", *flags, "--out", f"{data}/{name}", env=env)
+        for name, flags in (("smoke-up", upstream), ("smoke-down", downstream))
+    ]
+    assert all(p.returncode == 0 for p in generated), [p.stderr[-2000:] for p in generated]
+    client = s3_server.client()
+    datasets = {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket=bucket, Prefix="datasets/")["Contents"]}
     out = subprocess.run(
         [
             str(BIN / "ray"),
@@ -119,19 +148,30 @@ def test_job_submission_runs_the_smoke_preset_into_the_store(ray_head, tmp_path:
             "--pipelines",
             "dense",
             "--set",
-            f"storage={tmp_path / 'ckpt'}",
+            f"storage=s3://{bucket}/checkpoints",
             "--set",
-            f"data.uri={tmp_path / 'data'}",
+            f"data.uri={data}",
             "--results",
-            str(results),
+            results,
         ],
-        env=env,
+        env={k: v for k, v in env.items() if not k.startswith("AWS_")},  # the client needs none
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in out.stdout + out.stderr
-    rows = ResultsStore(str(results)).read().table.to_pylist()
-    assert sorted(r["stage"] for r in rows if r["row_type"] == "stage") == ["dense/downstream", "upstream_dense"]
+    store = ResultsStore(results, s3=s3_server.access())
+    rows = store.read().table.to_pylist()
+    stages = [r for r in rows if r["row_type"] == "stage"]
+    assert sorted(r["stage"] for r in stages) == ["dense/downstream", "upstream_dense"]
     assert [r["pipeline"] for r in rows if r["row_type"] == "pipeline"] == ["dense"]
+    objects = {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert {k: v for k, v in objects.items() if k.startswith("datasets/")} == datasets, "read, not written again"
+    for row in stages:
+        assert row["status"] == "succeeded" and row["checkpoint_uri"].startswith(f"s3://{bucket}/checkpoints/")
+        assert f"{row['checkpoint_uri'].removeprefix(f's3://{bucket}/')}/model.safetensors" in objects
+        assert json.loads(row["config"])["data"]["uri"].startswith(data)
+    secret = s3_server.secret_access_key
+    assert secret not in out.stdout + out.stderr
+    assert all(secret not in json.dumps(row, default=str) for row in rows)

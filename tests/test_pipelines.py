@@ -1,4 +1,5 @@
-"""Pipelines as stage graphs, the stage cache, cost accounting, and the main job's command line."""
+"""Pipelines as stage graphs, the stage cache, cost accounting, and the main job's command line (a job on S3
+data, checkpoints and results: tests/test_job_submit.py)."""
 
 from __future__ import annotations
 
@@ -228,82 +229,3 @@ def run_job(*args: str, env: dict[str, str] | None = None, timeout: int = 120) -
 def test_help_describes_the_job() -> None:
     out = run_job("--help")
     assert out.returncode == 0 and "--pipelines" in out.stdout and "--results" in out.stdout
-
-
-# ---- data and checkpoints on S3 --------------------------------------------------------------------
-def prepare(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "prepare_data.py"), *args, "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-
-
-@pytest.mark.slow
-def test_main_job_reads_data_from_s3_and_writes_checkpoints_there(s3_server, tmp_path: Path) -> None:
-    import os
-
-    env = {**os.environ, **s3_server.env()}
-    bucket = s3_server.bucket()
-    data = f"s3://{bucket}/datasets"
-    # the smoke preset's datasets, written to S3 beforehand (the job would generate them otherwise)
-    up = prepare(
-        "generate",
-        "--num-train",
-        "128",
-        "--num-val",
-        "32",
-        "--num-classes",
-        "4",
-        "--shard-rows",
-        "64",
-        "--out",
-        f"{data}/smoke-up",
-        env=env,
-    )
-    down = prepare(
-        "generate",
-        "--num-train",
-        "64",
-        "--num-val",
-        "32",
-        "--num-classes",
-        "3",
-        "--class-offset",
-        "4",
-        "--seed",
-        "7",
-        "--out",
-        f"{data}/smoke-down",
-        env=env,
-    )
-    assert up.returncode == 0 and down.returncode == 0, up.stderr + down.stderr
-    out = run_job(
-        "--config",
-        str(SMOKE),
-        "--pipelines",
-        "dense",
-        "--set",
-        f"data.uri={data}",
-        "--set",
-        f"storage=s3://{bucket}/checkpoints",
-        "--results",
-        f"s3://{bucket}/results",
-        env=env,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    store = ResultsStore(f"s3://{bucket}/results", s3=s3_server.access())
-    stages = store.rows(row_type="stage")
-    assert sorted(row["stage"] for row in stages) == ["dense/downstream", "upstream_dense"]
-    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]]
-    for row in stages:
-        assert row["status"] == "succeeded" and row["checkpoint_uri"].startswith(f"s3://{bucket}/checkpoints/")
-        prefix = row["checkpoint_uri"].removeprefix(f"s3://{bucket}/")
-        assert f"{prefix}/model.safetensors" in keys
-        assert json.loads(row["config"])["data"]["uri"].startswith(data)
-    secret = s3_server.secret_access_key
-    assert secret not in out.stdout + out.stderr
-    assert all(secret not in json.dumps(row, default=str) for row in store.read().table.to_pylist())
