@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -57,16 +59,46 @@ def ray_cluster_env(**extra: str) -> dict[str, str]:
     }
 
 
+# Ports a test's servers are started on: above Ray's default worker ports (10002-19999) and below the range
+# the kernel hands out to outgoing connections (Linux: 32768-60999; macOS: 49152-65535). A port the kernel
+# picked (bind to port 0) comes from that ephemeral range, where any client connection on the machine (the
+# other test worker's gRPC calls among them) may take it before the server binds it: a Ray head's GCS once
+# failed to start so in the suite.
+SERVER_PORTS = range(20000, 32768)
+
+
 def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports free on loopback right now (a server started next binds them)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+    """`count` distinct TCP ports free on loopback right now (a server started next binds them), drawn at random
+    from `SERVER_PORTS`."""
+    draw = random.SystemRandom()  # not the seeded module state: two test workers must not draw alike
+    ports: list[int] = []
+    while len(ports) < count:
+        port = draw.choice(SERVER_PORTS)
+        if port not in ports and _bindable(port):
+            ports.append(port)
+    return ports
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def startup_failure(process: subprocess.Popen, log: Path, since: int = 0) -> str | None:
+    """Why a server started as `process` has failed to start, or None: it exited, or it printed a Python traceback
+    (`ray start` can stay alive after its GCS failed to start) into `log` after byte `since` (where its output
+    began: a retried start appends to the log of the attempts before it)."""
+    if process.poll() is not None:
+        return f"it exited with status {process.returncode}"
+    with log.open("rb") as output:
+        output.seek(since)
+        if b"Traceback (most recent call last)" in output.read():
+            return "it printed a traceback"
+    return None
 
 
 class StartupFailedError(RuntimeError):

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from processes import StartupFailedError, free_ports, ray_cluster_env, start_retrying
+from processes import StartupFailedError, free_ports, ray_cluster_env, start_retrying, startup_failure
 
 from rmoe_platform.cluster import SINGLE_MACHINE_ENV
 from rmoe_platform.results import ResultsStore
@@ -37,6 +37,7 @@ def ray_head(tmp_path_factory, s3_server: S3Endpoint) -> Iterator[tuple[str, dic
 
     def start() -> tuple[subprocess.Popen, str]:
         gcs, dash, agent, agent_grpc, runtime_env, metrics, node_mgr, obj_mgr, client = free_ports(9)
+        since = log.stat().st_size if log.exists() else 0  # a retried start appends to the same log
         with log.open("a") as out:
             head = subprocess.Popen(
                 [
@@ -67,12 +68,10 @@ def ray_head(tmp_path_factory, s3_server: S3Endpoint) -> Iterator[tuple[str, dic
             )
         address = f"http://127.0.0.1:{dash}"
         deadline = time.monotonic() + 180
-        while subprocess.run(
-            [str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True
-        ).returncode:
-            if head.poll() is not None:
+        while not _job_server_ready(address, env):
+            if failure := startup_failure(head, log, since):
                 _stop(head)
-                raise StartupFailedError(f"the Ray head exited during start-up:\n{tail(log)}")
+                raise StartupFailedError(f"the Ray head failed to start ({failure}):\n{tail(log)}")
             if time.monotonic() > deadline:
                 _stop(head)
                 raise AssertionError(f"the Ray head's job server never became ready:\n{tail(log)}")
@@ -87,6 +86,16 @@ def ray_head(tmp_path_factory, s3_server: S3Endpoint) -> Iterator[tuple[str, dic
             _stop(head)
     finally:
         subprocess.run(["rm", "-rf", str(temp)], check=False)
+
+
+def _job_server_ready(address: str, env: dict[str, str]) -> bool:
+    try:
+        listed = subprocess.run(
+            [str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return listed.returncode == 0
 
 
 def _stop(head: subprocess.Popen) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from processes import StartupFailedError, free_ports, ray_cluster_env, start_retrying
+from processes import StartupFailedError, free_ports, ray_cluster_env, start_retrying, startup_failure
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -32,6 +32,7 @@ class Node:
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
+        self.log_start = log.stat().st_size if log.exists() else 0  # this attempt's output starts here
         with log.open("a") as out:  # a start tried again on other ports appends: every attempt is kept
             self.process = subprocess.Popen(
                 [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
@@ -67,10 +68,13 @@ def wait_for_nodes(address: str, env: dict[str, str], nodes: list[Node], count: 
     deadline = time.monotonic() + 180
     while True:
         for node in nodes:
-            if node.process.poll() is not None:
-                raise StartupFailedError(f"a Ray node exited during start-up:\n{node.tail()}")
-        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
-        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
+            if failure := startup_failure(node.process, node.log, node.log_start):
+                raise StartupFailedError(f"a Ray node failed to start ({failure}):\n{node.tail()}")
+        try:  # a probe of a cluster whose GCS never came up waits on its own timeouts: bounded here
+            out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            out = None
+        if out is not None and out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
             return
         assert time.monotonic() < deadline, "the cluster never had both nodes:\n" + "\n".join(n.tail() for n in nodes)
         time.sleep(2)
