@@ -16,9 +16,9 @@ it also prints where that floor's CPU goes, per Ray process (read from /proc whi
 every fit starts a new process for its controller, for each worker, and for three helper actors
 (placement-group cleaner, dataset manager, synchronisation actor), each paying Python's and Ray Train's
 imports. Measured on 2 cores (smoke preset, two runs): 12.6-13.2 s of CPU per 1-worker empty fit (controller
-3.9-4.2 s, worker 3.3-3.5 s, the three helpers 5.1-5.5 s) and a floor of 9.3-10.0 s. A fit's first stage,
-which also imports the model stack and starts Ray Data, therefore does not start within 10 s on such a
-machine whatever the platform does around Ray Train.
+3.9-4.2 s, worker 3.3-3.5 s, the three helpers 5.1-5.5 s) and a floor (start + teardown) of 9.3-10.0 s. A
+fit's first stage, which also imports the model stack and waits for Ray Data's first batch, therefore cannot
+keep its overhead within 10 s on such a machine, whatever the platform does around Ray Train.
 
     python benchmarks/stage_overhead.py                                       # demo preset, ~10 min
     python benchmarks/stage_overhead.py --config configs/smoke.yaml           # every pipeline, ~2 min
@@ -117,9 +117,10 @@ def empty_fit_floor(tmp: Path, repeats: int = 2) -> list[tuple[float, float]]:
 
 
 class RayProcessCpu:
-    """CPU seconds of the Ray worker processes (`ray::<what it runs>`) this machine starts while the block runs,
-    by role: sampled from /proc every `interval` s on a thread, so a process that ends between two samples
-    loses up to one interval. Processes already running (the earlier run's) are left out. Linux only."""
+    """CPU seconds of the Ray worker processes (`ray::<what it runs>`, of any Ray on this machine) started while
+    the block runs, by role: sampled from /proc every `interval` s on a thread, so a process that ends between
+    two samples loses up to one interval. Processes already running (the earlier run's) are left out. Linux
+    only."""
 
     def __init__(self, interval: float = 0.2) -> None:
         self.interval = interval

@@ -62,8 +62,8 @@ def ray_cluster_env(**extra: str) -> dict[str, str]:
 # Ports a test's servers are started on: above Ray's default worker ports (10002-19999) and below the range
 # the kernel hands out to outgoing connections (Linux: 32768-60999; macOS: 49152-65535). A port the kernel
 # picked (bind to port 0) comes from that ephemeral range, where any client connection on the machine (the
-# other test worker's gRPC calls among them) may take it before the server binds it: a Ray head's GCS once
-# failed to start so in the suite.
+# other test worker's gRPC calls among them) may take it before the server binds it. A Ray head's GCS once
+# found its port (38925) taken in the suite.
 SERVER_PORTS = range(20000, 32768)
 
 
