@@ -22,9 +22,10 @@ first core GEMM runs once per token, the frozen core takes no weight gradient), 
 is 48 MiB at the default sizes, above glibc's 32 MiB ceiling for reusing freed heap memory: every such
 buffer (gathered core term, activation, their gradients, the thin residual GEMMs' outputs) is mapped
 afresh and page-faulted in, 21 ms for 48 MiB here against 1 ms to refill one in place (0.43 ms per MiB
-above 32 MiB, nothing below). Measured on 2 cores: RMoE ÷ full MoE 0.847 (medians) with torch's default
-allocator, 0.750 with `THP_MEM_ALLOC_ENABLE=1` in the environment (torch then backs buffers of ≥ 2 MiB with
-2 MiB pages: 4.5 ms for the same 48 MiB); the header says which allocator ran. Running the second core GEMM
+above 32 MiB; below it, only until glibc reuses a freed buffer of that size, after the first rounds).
+Measured on 2 cores: RMoE ÷ full MoE 0.847 (medians) with torch's default allocator, 0.750 with
+`THP_MEM_ALLOC_ENABLE=1` in the environment (torch then backs buffers of ≥ 2 MiB with 2 MiB pages: 4.5 ms
+for the same 48 MiB); the header says which allocator ran. Running the second core GEMM
 once per token too, on the gate-weighted sum of a token's hidden rows, was tried and measured no faster
 (it trades a [k·T, H]·[H, D] GEMM for passes over the same [k·T, H] rows).
 """
