@@ -31,16 +31,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "platform")]
+
+import process_cpu  # noqa: E402  (beside this file)
 
 from rmoe_platform.cli.pipeline import main as run_pipelines  # noqa: E402
 from rmoe_platform.cost.ledger import COMPUTE_PARTS, DRIVER_PARTS, WORKER_PARTS  # noqa: E402
@@ -116,77 +116,6 @@ def empty_fit_floor(tmp: Path, repeats: int = 2) -> list[tuple[float, float]]:
     return floors
 
 
-class RayProcessCpu:
-    """CPU seconds of the Ray worker processes (`ray::<what it runs>`, of any Ray on this machine) started while
-    the block runs, by role: sampled from /proc every `interval` s on a thread, so a process that ends between
-    two samples loses up to one interval. Processes already running (the earlier run's) are left out. Linux
-    only."""
-
-    def __init__(self, interval: float = 0.2) -> None:
-        self.interval = interval
-        self._seen: dict[int, tuple[str, float]] = {}  # pid → (role, CPU at the latest sample)
-        self._known_before: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ray-process-cpu", daemon=True)
-
-    @staticmethod
-    def available() -> bool:
-        return Path("/proc/self/stat").exists()
-
-    def __enter__(self) -> RayProcessCpu:
-        self._known_before = set(self._sample())
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def by_role(self) -> dict[str, tuple[int, float]]:
-        """role → (processes, CPU seconds spent within the block)."""
-        roles: dict[str, tuple[int, float]] = {}
-        for pid, (role, cpu) in self._seen.items():
-            if pid not in self._known_before:
-                count, total = roles.get(role, (0, 0.0))
-                roles[role] = (count + 1, total + cpu)
-        return roles
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def _sample(self) -> list[int]:
-        tick = os.sysconf("SC_CLK_TCK")
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                title = (entry / "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:  # ended meanwhile
-                continue
-            if not title.startswith("ray::"):
-                continue
-            pid, cpu = int(entry.name), (int(fields[11]) + int(fields[12])) / tick
-            role = self._seen.get(pid, (_role(title), 0.0))[0]
-            if not _is_class(role) and _is_class(_role(title)):  # titles name the current task: prefer the actor
-                role = _role(title)
-            self._seen[pid] = (role, cpu)
-            pids.append(pid)
-        return pids
-
-
-def _role(title: str) -> str:
-    """`ray::TrainController.run` → `TrainController`; `ray::IDLE` → `IDLE`."""
-    return title.removeprefix("ray::").split(".", 1)[0].split(" ", 1)[0]
-
-
-def _is_class(role: str) -> bool:
-    name = role.lstrip("_")
-    return name[:1].isupper() and not name.isupper()
-
-
 def print_floor_cpu(roles: dict[str, tuple[int, float]], fits: int) -> None:
     total = sum(cpu for _, cpu in roles.values())
     print(f"its CPU by Ray process over the {fits} empty fits ({total / fits:.1f} s per fit; sampled from /proc):")
@@ -235,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         if ray.is_initialized():  # the run's own Ray, still up
-            if not RayProcessCpu.available():
+            if not process_cpu.available():
                 print_floor(empty_fit_floor(Path(tmp)), table)
                 return status
-            with RayProcessCpu() as processes:
+            with process_cpu.ProcessCpu(select=lambda argv: argv[0].startswith(process_cpu.RAY_TITLE)) as processes:
                 floors = empty_fit_floor(Path(tmp))
             print_floor(floors, table)
             print_floor_cpu(processes.by_role(), len(floors))
