@@ -47,7 +47,7 @@ def process_role(argv: list[str]) -> str:
     if args[0] == "-m" and len(args) > 1:
         return f"-m {args[1]}"
     if args[0] == "-c" and len(args) > 1:
-        return f"-c {args[1][:40]}"
+        return f"-c {' '.join(args[1].split())[:40]}"  # the code's start, on one line
     script = args[0]
     if "/site-packages/" in script:  # a package's file: from its package on
         return script.split("/site-packages/", 1)[1]

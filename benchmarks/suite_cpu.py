@@ -69,8 +69,8 @@ RAY_DATA_TASKS = "Ray Data tasks (read, decode)"
 def group_of(role: str) -> str:
     if role in GROUPS:
         return GROUPS[role]
-    if role.startswith(("ray-dashboard-", "-c from multiprocessing.forkserver")):  # the dashboard's modules
-        return PER_RAY
+    if role.startswith(("ray-dashboard-", "-c from multiprocessing.forkserver", "-c from multiprocessing.resource")):
+        return PER_RAY  # the dashboard's modules, its fork server and resource tracker
     if role.startswith(("MapBatches", "ReadParquet", "Read", "Map(", "split")):
         return RAY_DATA_TASKS
     return OTHER
